@@ -1,0 +1,49 @@
+"""Settings in one place: paths, profiles, the device helper, and the tuned defaults of every method.
+
+Notebooks read ``PROFILE`` from the environment (``ci`` = tiny and fast, ``full`` = paper-sized) and get
+every size from :func:`profile`. Nothing else in the library hard-codes a device or a size.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+TINY_DIR = DATA / "tiny_t2i"
+CLASSIFIER_PATH = DATA / "classifier" / "classifier.safetensors"
+
+# Guidance for the bundled model: a tiny model over-guides easily (measured in 00_setup_and_tour).
+TINY_GUIDANCE = 2.0
+TINY_SAMPLE_STEPS = 20
+
+PROFILES = {
+    # sizes for notebooks and benchmarks; "ci" shrinks sizes, it never skips the point of a cell
+    "ci": dict(images_per_concept=8, erase_steps=40, batch=4, sample_steps=10, grid=4),
+    "full": dict(images_per_concept=50, erase_steps=400, batch=8, sample_steps=TINY_SAMPLE_STEPS, grid=8),
+}
+
+
+def profile(name: str | None = None) -> dict:
+    """The size settings of a profile; ``name`` defaults to ``$PROFILE`` (else ``"full"``)."""
+    name = name or os.environ.get("PROFILE", "full")
+    if name not in PROFILES:
+        raise ValueError(f"unknown PROFILE {name!r}; use one of {', '.join(PROFILES)}")
+    return dict(PROFILES[name], name=name)
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """The one place that picks a device: ``$SEPME_DEVICE`` or ``prefer`` if given, else CUDA, MPS, CPU."""
+    want = prefer or os.environ.get("SEPME_DEVICE")
+    if want:
+        dev = torch.device(want)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {want!r} was asked for but CUDA is not available; use 'cpu'")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -1,0 +1,369 @@
+"""Layer 1: the ``T2IModel`` adapter around diffusers / transformers parts, and ``load_model``.
+
+Introduced in ``notebooks/00_setup_and_tour.ipynb`` and ``notebooks/01_diffusion_basics.ipynb``.
+
+One adapter serves two kinds of model:
+
+* the bundled tiny model (``load_model("tiny")``): a diffusers ``UNet2DConditionModel`` on 4x4-patchified
+  pixels (a 32x32x3 image is an 8x8x48 "latent", ``pixel_unshuffle``), a small transformers
+  ``CLIPTextModel`` and a ``CLIPTokenizer`` with the world's vocabulary, a v-prediction DDIM scheduler;
+* a Stable Diffusion 1.x pipeline (``load_model(hub_id_or_path)``), whose latents come from the VAE times
+  its scaling factor.
+
+Every method in the library talks to the model only through this class.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from . import config
+
+TINY_TOKENS = 16  # tokenizer length of the bundled model: short, so that null spaces stay wide
+
+
+class T2IModel:
+    """Text-to-image diffusion model with the operations the course needs.
+
+    Attributes: ``unet``, ``text_encoder``, ``tokenizer``, ``scheduler`` (DDIM), ``vae`` (``None`` for
+    the tiny pixel model), ``patch`` (patch size of the tiny model, else ``None``), ``device``.
+    """
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, patch=None, name="model",
+                 vocabulary=None, device=None, guidance=7.5, sample_steps=50):
+        self.device = device or config.get_device()
+        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
+        self.vae = vae.to(self.device).eval().requires_grad_(False) if vae is not None else None
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.patch = patch
+        self.name = name
+        self.vocabulary = set(vocabulary) if vocabulary else None
+        self.guidance = guidance
+        self.sample_steps = sample_steps
+        self.prediction_type = scheduler.config.prediction_type
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self._empty = None
+        self._fingerprint = None
+
+    # ------------------------------------------------------------------------------------ text side
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.model_max_length
+
+    def check_prompt(self, prompt: str) -> None:
+        """Warn, naming the word, when a prompt uses a word the bundled model never saw in training."""
+        if self.vocabulary is None:
+            return
+        unknown = [w for w in prompt.lower().split() if w not in self.vocabulary]
+        if unknown:
+            warnings.warn(f"the {self.name} model never saw the word(s) {unknown} in training; its known "
+                          f"words are: {', '.join(sorted(self.vocabulary))}", stacklevel=3)
+
+    @torch.no_grad()
+    def embed(self, prompts) -> torch.Tensor:
+        """``c = text_encoder(tokenizer(prompt, padding="max_length")).last_hidden_state``: ``(B, L, d_in)``.
+
+        Every row (BOS, words, EOS, padding) is kept: it is exactly what ``attn2.to_k``/``to_v`` read.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:
+            self.check_prompt(p)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids).last_hidden_state.float()
+
+    def empty(self) -> torch.Tensor:
+        """``c_0``, the embedding of the empty prompt ``(1, L, d_in)`` (cached)."""
+        if self._empty is None:
+            self._empty = self.embed([""])
+        return self._empty
+
+    # ---------------------------------------------------------------------------------- image side
+    @torch.no_grad()
+    def to_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] ``(B,3,H,W)`` -> the UNet's input space (patchify, or VAE mean x scaling)."""
+        images = images.to(self.device, torch.float32)
+        if self.vae is not None:
+            lat = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+            return lat.float() * self.vae.config.scaling_factor
+        return F.pixel_unshuffle(images, self.patch)
+
+    @torch.no_grad()
+    def from_latent(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_latent`: images in [-1, 1]."""
+        if self.vae is not None:
+            lat = latents / self.vae.config.scaling_factor
+            return self.vae.decode(lat.to(self.vae.dtype)).sample.float()
+        return F.pixel_shuffle(latents, self.patch)
+
+    @property
+    def latent_shape(self) -> tuple:
+        c = self.unet.config.in_channels
+        s = self.unet.config.sample_size
+        return (c, s, s)
+
+    # ------------------------------------------------------------------------------- diffusion side
+    def add_noise(self, z0, noise, t):
+        """Forward process ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (notebook 01)."""
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+    def random_timesteps(self, n: int, generator=None) -> torch.Tensor:
+        """``t ~ U{0..T-1}``."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+
+    def predict(self, z_t, t, emb, weights: dict | None = None) -> torch.Tensor:
+        """Raw UNet output (in the model's own prediction type). ``weights`` overrides parameters by name
+        (``torch.func.functional_call``): that is how an edited model ``theta + dtheta`` is run without
+        copying the UNet."""
+        t = t.expand(z_t.shape[0]) if t.dim() == 0 else t
+        if weights:
+            return functional_call(self.unet, weights, (z_t, t), {"encoder_hidden_states": emb}, strict=False).sample
+        return self.unet(z_t, t, encoder_hidden_states=emb).sample
+
+    def to_eps(self, out, z_t, t):
+        """Convert a raw output to eps: for v-prediction ``eps = sqrt(abar) v + sqrt(1-abar) x_t``."""
+        if self.prediction_type == "epsilon":
+            return out
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        if self.prediction_type == "v_prediction":
+            return a.sqrt() * out + (1 - a).sqrt() * z_t
+        if self.prediction_type == "sample":
+            return (z_t - a.sqrt() * out) / (1 - a).sqrt()
+        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+    def eps(self, z_t, t, emb, weights: dict | None = None) -> torch.Tensor:
+        """``eps_theta(x_t, c, t)``, always as noise, whatever the model predicts."""
+        t = t.expand(z_t.shape[0]) if t.dim() == 0 else t
+        return self.to_eps(self.predict(z_t, t, emb, weights), z_t, t)
+
+    # ----------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(self, prompts, seeds=None, steps: int | None = None, guidance: float | None = None,
+               weights: dict | None = None, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """DDIM sampling with classifier-free guidance; returns images in [0, 1] ``(B,3,H,W)`` on the CPU.
+
+        ``out = out(x, c0) + g * (out(x, c) - out(x, c0))`` (guidance is linear, so doing it on v or on
+        eps is the same). The start noise of image ``k`` comes from ``seeds[k]`` alone, so the same seed
+        gives the same image whatever the batch. ``weights``: parameters of an edited model.
+        """
+        from diffusers import DDIMScheduler
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        steps = steps or self.sample_steps
+        g = self.guidance if guidance is None else guidance
+        sched = DDIMScheduler.from_config(self.scheduler.config)
+        sched.set_timesteps(steps)
+        out = []
+        chunks = range(0, len(prompts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            chunks = tqdm(chunks, desc="sampling")
+        for s in chunks:
+            ps, ss = prompts[s:s + batch_size], seeds[s:s + batch_size]
+            z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(k)))
+                             for k in ss]).to(self.device)
+            z = z * sched.init_noise_sigma
+            emb = self.embed(ps)
+            e0 = self.empty().expand(len(ps), -1, -1)
+            both = torch.cat([e0, emb])
+            for t in sched.timesteps:
+                zz = sched.scale_model_input(torch.cat([z, z]), t)
+                o = self.predict(zz, t.to(self.device).expand(2 * len(ps)), both, weights)
+                o0, oc = o.chunk(2)
+                z = sched.step(o0 + g * (oc - o0), t, z).prev_sample
+            out.append(((self.from_latent(z) + 1) / 2).clamp(0, 1).cpu())
+        return torch.cat(out)
+
+    # --------------------------------------------------------------------------- cross-attention
+    def cross_attention_layers(self) -> dict:
+        """``{name: Attention}`` for every ``attn2`` (cross-attention) module of the UNet."""
+        return {n: m for n, m in self.unet.named_modules() if n.endswith("attn2")}
+
+    def kv_weight_names(self) -> list[str]:
+        """Parameter names of ``to_k.weight`` and ``to_v.weight`` of every attn2: what SepME edits."""
+        return [f"{n}.{p}.weight" for n in self.cross_attention_layers() for p in ("to_k", "to_v")]
+
+    def cross_attention_param_names(self) -> list[str]:
+        """All parameters of every attn2 (to_q, to_k, to_v, to_out): what G-CiRs fine-tunes."""
+        names = set(self.cross_attention_layers())
+        return [n for n, _ in self.unet.named_parameters() if n.rsplit(".", 2)[0] in names
+                or any(n.startswith(m + ".") for m in names)]
+
+    def params(self, names) -> dict:
+        d = dict(self.unet.named_parameters())
+        return {n: d[n] for n in names}
+
+    def fingerprint(self) -> str:
+        """A short hash of the base cross-attention weights; deltas remember it (and refuse other bases)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for n, p in self.params(self.kv_weight_names()).items():
+                h.update(n.encode())
+                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    @contextmanager
+    def edited(self, weights: dict):
+        """Temporarily write ``weights`` (name -> tensor) into the UNet; the originals come back bit-exact."""
+        params = dict(self.unet.named_parameters())
+        saved = {n: params[n].detach().clone() for n in weights}
+        try:
+            with torch.no_grad():
+                for n, w in weights.items():
+                    params[n].copy_(w)
+            yield self
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    params[n].copy_(w)
+
+
+# ------------------------------------------------------------------------------------ tiny model
+def tiny_tokenizer_files(words, directory: Path) -> None:
+    """Write ``vocab.json``/``merges.txt`` of a CLIP BPE tokenizer in which each world word is one token.
+
+    Single letters (and letter + ``</w>``) are in the vocabulary too, so an unknown word is spelled out
+    letter by letter rather than lost (and :meth:`T2IModel.check_prompt` warns about it).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab: dict = {}
+
+    def add(tok):
+        vocab.setdefault(tok, len(vocab))
+
+    for t in ("<|startoftext|>", "<|endoftext|>"):
+        add(t)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    for c in letters:
+        add(c)
+    for c in letters:
+        add(c + "</w>")
+    merges = []
+    for w in sorted(words):
+        sym = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = sym[0]
+        for s in sym[1:]:
+            if (cur, s) not in merges:
+                merges.append((cur, s))
+            cur += s
+            add(cur)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": TINY_TOKENS, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer"}))
+
+
+def tiny_configs(vocab_size: int) -> dict:
+    """Configs of the bundled model (4x4 patches -> 8x8x48; text width 256 keeps null spaces wide)."""
+    unet = dict(
+        sample_size=8, in_channels=48, out_channels=48, layers_per_block=2, block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
+    )
+    text = dict(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=TINY_TOKENS, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, projection_dim=256,
+    )
+    scheduler = dict(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+        clip_sample=True, set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
+    )
+    return dict(unet=unet, text=text, scheduler=scheduler)
+
+
+def build_tiny(directory=None, seed: int = 0):
+    """Fresh random-weight parts of the bundled model (for training): unet, text_encoder, tokenizer, sched."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .world import VOCABULARY
+
+    directory = Path(directory or config.TINY_DIR)
+    tiny_tokenizer_files(VOCABULARY, directory / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    cfg = tiny_configs(len(tok))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    sched = DDIMScheduler(**cfg["scheduler"])
+    return unet, text, tok, sched
+
+
+def load_tiny(directory=None, device=None) -> T2IModel:
+    """Load the bundled model from ``data/tiny_t2i`` (diffusers/transformers folders, safetensors)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .world import VOCABULARY
+
+    directory = Path(directory or config.TINY_DIR)
+    need = [directory / "unet" / "diffusion_pytorch_model.safetensors", directory / "text_encoder" / "model.safetensors",
+            directory / "tokenizer" / "vocab.json", directory / "scheduler" / "scheduler_config.json"]
+    missing = [str(p) for p in need if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"the bundled tiny model is incomplete: missing {missing}. Recreate it with "
+                                "`python -m sepme_lib.train_tiny` (or restore data/ from git).")
+    unet = UNet2DConditionModel.from_pretrained(directory / "unet")
+    text = CLIPTextModel.from_pretrained(directory / "text_encoder")
+    tok = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    sched = DDIMScheduler.from_pretrained(directory / "scheduler")
+    return T2IModel(unet, text, tok, sched, patch=4, name="tiny", vocabulary=VOCABULARY, device=device,
+                    guidance=config.TINY_GUIDANCE, sample_steps=config.TINY_SAMPLE_STEPS)
+
+
+def load_sd(path_or_id: str, device=None, dtype=None) -> T2IModel:
+    """Load a Stable Diffusion 1.x pipeline from a local folder, or from the Hugging Face cache.
+
+    Nothing is downloaded unless ``SEPME_ALLOW_DOWNLOAD=1``; otherwise an id that is not already in the
+    local cache fails at once with a message saying how to provide the weights.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    local = Path(path_or_id).expanduser()
+    allow = os.environ.get("SEPME_ALLOW_DOWNLOAD") == "1"
+    kwargs = {}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        if local.exists():
+            pipe = StableDiffusionPipeline.from_pretrained(local, safety_checker=None, **kwargs)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(path_or_id, safety_checker=None,
+                                                           local_files_only=not allow, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the way out
+        raise RuntimeError(
+            f"could not load Stable Diffusion weights {path_or_id!r} ({type(e).__name__}: {str(e)[:200]}). "
+            "Give a local folder with the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, "
+            "scheduler/), or pre-download it with `huggingface-cli download <id>` and, where downloads are "
+            "allowed, set SEPME_ALLOW_DOWNLOAD=1. The bundled model is load_model('tiny').") from e
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    return T2IModel(pipe.unet, pipe.text_encoder, pipe.tokenizer, sched, vae=pipe.vae, name=str(path_or_id),
+                    device=device)
+
+
+def load_model(name: str = "tiny", device=None) -> T2IModel:
+    """``"tiny"`` -> the bundled model in ``data/``; anything else -> an SD 1.x id or local folder."""
+    if name == "tiny":
+        return load_tiny(device=device)
+    return load_sd(name, device=device)
