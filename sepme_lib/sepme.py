@@ -166,9 +166,9 @@ def _train(model, concepts, groups, owner, s: Settings, skip_empty: bool, progre
         hist["step"].append(step)
         per_group = {}
         for j, i in enumerate(active):
-            hist["lcor"][i].append(float(lcors[j]))
+            hist["lcor"][i].append(float(lcors[j].detach()))
             hist["eta"][i].append(etas[j])
-            per_group[owner[i]] = per_group.get(owner[i], 0.0) + etas[j] * float(lcors[j])
+            per_group[owner[i]] = per_group.get(owner[i], 0.0) + etas[j] * float(lcors[j].detach())
         for gi, val in per_group.items():
             g = groups[gi]
             stop = g.monitor.update(val)

@@ -1,0 +1,106 @@
+import time
+import warnings
+
+import pytest
+import torch
+
+from sepme_lib import core, world
+from sepme_lib.model import load_model, load_tiny
+
+
+def test_tiny_adapter_shapes(tiny):
+    emb = tiny.embed(["a red star in striped style", ""])
+    assert emb.shape == (2, 16, 256)
+    assert torch.equal(tiny.empty()[0], emb[1])
+    imgs = torch.from_numpy(world.reference_images("star", 3))
+    z = tiny.to_latent(imgs)
+    assert z.shape == (3, 48, 8, 8) == (3, *tiny.latent_shape)
+    assert torch.allclose(tiny.from_latent(z), imgs)  # patchify is lossless
+    t = torch.tensor([10, 500, 990])
+    eps = tiny.eps(tiny.add_noise(z, torch.randn_like(z), t), t, emb[:1].expand(3, -1, -1))
+    assert eps.shape == z.shape and torch.isfinite(eps).all()
+    layers = tiny.cross_attention_layers()
+    assert len(layers) > 0 and all(n.endswith("attn2") for n in layers)
+    assert len(tiny.kv_weight_names()) == 2 * len(layers)
+
+
+def test_v_prediction_is_converted_to_eps(tiny):
+    assert tiny.prediction_type == "v_prediction"
+    z0, noise = torch.randn(4, 48, 8, 8), torch.randn(4, 48, 8, 8)
+    t = torch.tensor([0, 250, 600, 999])
+    a = tiny.alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = tiny.add_noise(z0, noise, t)
+    v = a.sqrt() * noise - (1 - a).sqrt() * z0  # the exact v target
+    assert torch.allclose(tiny.to_eps(v, xt, t), noise, atol=1e-4)
+
+
+def test_sd_adapter_shapes(tiny_sd):
+    emb = tiny_sd.embed(["a photo of a cat"])
+    assert emb.shape == (1, 12, 64)
+    imgs = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = tiny_sd.to_latent(imgs)
+    assert z.shape == (2, 4, 8, 8)  # VAE downsamples by 4 here, latents times the scaling factor
+    assert tiny_sd.from_latent(z).shape == (2, 3, 32, 32)
+    t = torch.tensor([3, 700])
+    assert tiny_sd.eps(z, t, emb.expand(2, -1, -1)).shape == z.shape
+    out = tiny_sd.sample(["a photo of a cat", "a dog"], seeds=[0, 1], steps=2)
+    assert out.shape == (2, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+
+
+def test_sampling_is_deterministic_per_seed(tiny):
+    p = ["a red star in striped style", "a blue circle"]
+    a = tiny.sample(p, seeds=[5, 6], steps=3)
+    b = tiny.sample(p, seeds=[5, 6], steps=3)
+    assert torch.equal(a, b)
+    # the same seed gives the same image whatever else is in the batch
+    c = tiny.sample(p[1:], seeds=[6], steps=3)
+    assert torch.allclose(a[1], c[0], atol=1e-5)
+    d = tiny.sample(p, seeds=[7, 6], steps=3)
+    assert not torch.allclose(a[0], d[0])
+
+
+def test_sample_rejects_mismatched_seeds(tiny):
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        tiny.sample(["a star", "a circle"], seeds=[1])
+
+
+def test_unknown_word_warns_with_the_word(tiny):
+    with pytest.warns(UserWarning, match="zebra"):
+        tiny.embed(["a zebra in striped style"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny.embed(["a red star in striped style"])
+
+
+def test_missing_data_file_names_file_and_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m sepme_lib.train_tiny"):
+        load_tiny(tmp_path)
+
+
+def test_load_model_fails_fast_without_weights():
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="local folder"):
+        load_model("CompVis/definitely-not-cached-sd")
+    assert time.time() - t0 < 30
+
+
+def test_null_space_capacity_for_six_concepts(tiny):
+    prompts = [""] + [world.concept_prompt(c) for c in ("striped", "checkered", "dotted", "outline", "gradient", "star")]
+    S, s, rank = core.null_space(core.stack_rows(tiny, prompts))
+    assert S.shape[1] >= 32, (S.shape, rank)
+
+
+def test_training_smoke_and_checkpoint_roundtrip(tmp_path):
+    from sepme_lib import train_tiny
+
+    out, state = tmp_path / "m", tmp_path / "state.pt"
+    train_tiny.main(["--out", str(out), "--state", str(state), "--max-steps", "3", "--batch", "4", "--seed", "1"])
+    m = load_tiny(out, device=torch.device("cpu"))
+    st = torch.load(state, weights_only=False)
+    assert st["step"] == 3
+    # the exported model is the EMA copy stored in the state
+    w = dict(m.unet.named_parameters())["conv_in.weight"]
+    assert torch.equal(w, st["ema_unet"]["conv_in.weight"])
+    # resuming continues from step 3
+    train_tiny.main(["--out", str(out), "--state", str(state), "--max-steps", "5", "--batch", "4", "--seed", "1"])
+    assert torch.load(state, weights_only=False)["step"] == 5
