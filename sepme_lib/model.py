@@ -151,12 +151,14 @@ class T2IModel:
     # ----------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, prompts, seeds=None, steps: int | None = None, guidance: float | None = None,
-               weights: dict | None = None, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+               weights: dict | None = None, batch_size: int = 64, progress: bool = False,
+               callback=None) -> torch.Tensor:
         """DDIM sampling with classifier-free guidance; returns images in [0, 1] ``(B,3,H,W)`` on the CPU.
 
         ``out = out(x, c0) + g * (out(x, c) - out(x, c0))`` (guidance is linear, so doing it on v or on
         eps is the same). The start noise of image ``k`` comes from ``seeds[k]`` alone, so the same seed
         gives the same image whatever the batch. ``weights``: parameters of an edited model.
+        ``callback(i, t, z, x0_pred)`` is called after each DDIM step (notebook 01 shows the trajectory).
         """
         from diffusers import DDIMScheduler
 
@@ -181,11 +183,14 @@ class T2IModel:
             emb = self.embed(ps)
             e0 = self.empty().expand(len(ps), -1, -1)
             both = torch.cat([e0, emb])
-            for t in sched.timesteps:
+            for i, t in enumerate(sched.timesteps):
                 zz = sched.scale_model_input(torch.cat([z, z]), t)
                 o = self.predict(zz, t.to(self.device).expand(2 * len(ps)), both, weights)
                 o0, oc = o.chunk(2)
-                z = sched.step(o0 + g * (oc - o0), t, z).prev_sample
+                res = sched.step(o0 + g * (oc - o0), t, z)
+                z = res.prev_sample
+                if callback is not None:
+                    callback(int(i), int(t), z, res.pred_original_sample)
             out.append(((self.from_latent(z) + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(out)
 
@@ -232,6 +237,29 @@ class T2IModel:
             with torch.no_grad():
                 for n, w in saved.items():
                     params[n].copy_(w)
+
+
+# ------------------------------------------------------------------------------------ training loss
+def diffusion_loss(unet, alphas_cumprod, x0, emb, t, noise, prediction_type="v_prediction", snr_gamma=None):
+    """The denoising loss the model is trained with (notebook 01): ``x_t = sqrt(abar) x_0 + sqrt(1-abar) eps``
+    and ``|| out(x_t, c, t) - target ||^2`` with target ``eps`` (epsilon) or ``v = sqrt(abar) eps -
+    sqrt(1-abar) x_0`` (v_prediction). ``snr_gamma`` applies min-SNR weights ``min(SNR, g) / (SNR + 1)``
+    (for v-prediction) or ``min(SNR, g) / SNR`` (for epsilon)."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    if prediction_type == "v_prediction":
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    elif prediction_type == "epsilon":
+        target = noise
+    else:
+        raise ValueError(f"unsupported prediction type {prediction_type!r}")
+    pred = unet(xt, t, encoder_hidden_states=emb).sample
+    per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    if snr_gamma:
+        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+        w = torch.clamp(snr, max=snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        per = w * per
+    return per.mean()
 
 
 # ------------------------------------------------------------------------------------ tiny model

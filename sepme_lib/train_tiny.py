@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import config, world
-from .model import build_tiny
+from .model import build_tiny, diffusion_loss
 
 
 def export(unet, text, tok, sched, out: Path, meta: dict) -> None:
@@ -74,7 +74,6 @@ def main(argv=None):
         torch.manual_seed(args.seed)
 
     abar = sched.alphas_cumprod.to(device)
-    snr = abar / (1 - abar)
     n_params = sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in text.parameters())
     print(f"training tiny model: {n_params / 1e6:.2f}M parameters on {device}, batch {args.batch}")
 
@@ -105,14 +104,8 @@ def main(argv=None):
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), device=device)
-        noise = torch.randn_like(x0)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        v = a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction target
         emb = text(ids).last_hidden_state
-        pred = unet(xt, t, encoder_hidden_states=emb).sample
-        w = torch.clamp(snr[t], max=args.snr_gamma) / (snr[t] + 1)  # min-SNR weights for v-prediction
-        loss = (w * ((pred - v) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = diffusion_loss(unet, abar, x0, emb, t, torch.randn_like(x0), "v_prediction", args.snr_gamma)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,159 @@
+"""Benchmarks that print numbers: ``python -m sepme_lib.bench {world,quality,sepme,relatives,widgets}``.
+
+* ``world``     -- renders per second of the world (one core).
+* ``quality``   -- the original model's classifier ACC per style and shape (the "original" column of every
+  table); ``--images-per-concept N``.
+* ``sepme``     -- the paper's Tables 1-5 (and 6 in the full profile) on the bundled world.
+* ``relatives`` -- SepME beside its relatives (``relatives.relatives_benchmark``).
+* ``widgets``   -- refresh time of the interactive grid (``widgets.benchmark``).
+
+``--json`` prints one JSON object instead of markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+from .deltas import edited_weights
+
+from . import config, core, evaluate, sepme, world
+from .classifier import load_classifier
+from .model import load_model
+
+ERASE_STYLES = ("striped", "checkered", "dotted")  # the paper's Van Gogh / Picasso / Cezanne analogue
+
+
+def bench_world(n: int = 5000) -> dict:
+    specs = world.random_specs(n, np.random.default_rng(0))
+    t0 = time.time()
+    world.render(specs, seed=0)
+    dt = time.time() - t0
+    return dict(images=n, seconds=round(dt, 3), images_per_second=round(n / dt, 1))
+
+
+def bench_quality(images_per_concept: int = 50, steps=None, guidance=None, model=None, clf=None) -> dict:
+    model = model or load_model("tiny")
+    clf = clf or load_classifier(device=model.device)
+    t0 = time.time()
+    style = evaluate.acc_table(model, clf, world.STYLES, images_per_concept, steps=steps, guidance=guidance)
+    shape = evaluate.acc_table(model, clf, world.SHAPES, images_per_concept, steps=steps, guidance=guidance)
+    return dict(style=style, shape=shape, images_per_concept=images_per_concept,
+                guidance=model.guidance if guidance is None else guidance, steps=steps or model.sample_steps,
+                seconds=round(time.time() - t0, 1))
+
+
+def _leakage_max(model, deltas) -> float:
+    worst = 0.0
+    for d in deltas:
+        prot = d.info.get("protected")
+        if prot:
+            worst = max(worst, max(core.leakage(model, d.tensors, prot).values()))
+    return worst
+
+
+def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, progress: bool = True) -> dict:
+    """Tables 1-5 (+6 in ``full``) of the paper on the bundled world; see the issue for the JSON keys."""
+    prof = config.profile(profile)
+    n = prof["images_per_concept"]
+    model = load_model("tiny")
+    clf = load_classifier(device=model.device)
+    s = settings or sepme.Settings()
+    evals = list(world.STYLES)
+    t0 = time.time()
+    concepts = core.make_concepts(model, ERASE_STYLES, n_ref=64)
+    original = evaluate.acc_table(model, clf, evals, n)
+    out = dict(profile=prof["name"], images_per_concept=n, settings=s.as_dict(), original=original, tables={})
+    for key, mode in (("sepme1", "separate"), ("sepme2", "iterative")):
+        t = time.time()
+        ds = sepme.sepme(model, concepts, mode, s, progress=progress)
+        train_s = time.time() - t
+        tab = evaluate.combination_table(model, clf, ds, evals, n, original=original, progress=progress)
+        out[key] = dict(tab["summary"], leakage_max=_leakage_max(model, ds),
+                        seconds_per_concept=round(train_s / len(ds), 1),
+                        steps=[d.info.get("steps") for d in ds], l1=[round(d.l1_norm(), 4) for d in ds])
+        out["tables"][key] = tab["rows"]
+    # Tables 1-2: G-CiRs alone, single concepts and all three at once
+    g_rows = []
+    for c in concepts:
+        d = sepme.gcirs(model, [c], s, progress=progress)
+        acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, [d]))
+        g_rows.append(dict(erased=c.name, acc=acc, others=evaluate.others_mean(acc, [c.name]), l1=d.l1_norm()))
+    d = sepme.gcirs(model, concepts, s, progress=progress)
+    acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, [d]))
+    g_rows.append(dict(erased="+".join(ERASE_STYLES), acc=acc, others=evaluate.others_mean(acc, ERASE_STYLES),
+                       l1=d.l1_norm()))
+    out["gcirs"] = g_rows
+    if prof["name"] == "full":  # Table 6: the stop threshold tau
+        sweep = []
+        for tau in (-0.02, -0.01, 0.0, 0.01):
+            st = sepme.Settings(**dict(s.as_dict(), tau=tau))
+            ds = sepme.sepme(model, concepts[:1], "separate", st, progress=progress)
+            acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, ds))
+            sweep.append(dict(tau=tau, steps=ds[0].info["steps"], acc=acc, others=evaluate.others_mean(acc, ERASE_STYLES[:1])))
+        out["tau_sweep"] = sweep
+    out["seconds"] = round(time.time() - t0, 1)
+    out["markdown"] = sepme_markdown(out, evals)
+    return out
+
+
+def sepme_markdown(out: dict, evals) -> str:
+    parts = [f"Original model (ACC, {out['images_per_concept']} images per concept):\n",
+             evaluate.markdown_table([out["original"]], list(evals))]
+    for key, title in (("sepme1", "SepME_1 (separate)"), ("sepme2", "SepME_2 (iterative)")):
+        rows = [dict(erased="+".join(r["subset"]), **r["acc"]) for r in out["tables"][key]]
+        parts += [f"\n\n{title}: ACC of every style under theta + sum of the listed increments "
+                  "(Tables 3-5 layout)\n", evaluate.markdown_table(rows, ["erased"] + list(evals))]
+        summ = {k: out[key][k] for k in ("leakage_max", "erased_acc_max", "others_ratio_min",
+                                         "restoration_drift_max", "seconds_per_concept")}
+        parts += ["\n\n" + evaluate.markdown_table([summ], list(summ))]
+    rows = [dict(erased=r["erased"], others=r["others"], l1=r["l1"], **r["acc"]) for r in out["gcirs"]]
+    parts += ["\n\nG-CiRs (Tables 1-2 layout)\n", evaluate.markdown_table(rows, ["erased"] + list(evals) + ["others", "l1"])]
+    if "tau_sweep" in out:
+        rows = [dict(tau=r["tau"], steps=r["steps"], others=r["others"], **r["acc"]) for r in out["tau_sweep"]]
+        parts += ["\n\ntau sweep, erasing striped (Table 6 layout)\n",
+                  evaluate.markdown_table(rows, ["tau", "steps"] + list(evals) + ["others"])]
+    return "".join(parts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["world", "quality", "sepme", "relatives", "widgets"])
+    ap.add_argument("--profile", default=None, help="ci or full (default: $PROFILE, else full)")
+    ap.add_argument("--images-per-concept", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    prof = config.profile(args.profile)["name"]
+    if args.what == "world":
+        res = bench_world()
+    elif args.what == "quality":
+        res = bench_quality(args.images_per_concept, args.steps, args.guidance)
+    elif args.what == "sepme":
+        res = bench_sepme(prof)
+    elif args.what == "relatives":
+        from .relatives import relatives_benchmark
+        res = relatives_benchmark(prof)
+    else:
+        from .widgets import benchmark
+        res = benchmark()
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "markdown"}, indent=1, default=float))
+    elif "markdown" in res:
+        print(res["markdown"])
+    elif args.what == "quality":
+        print(f"guidance {res['guidance']}, {res['steps']} DDIM steps, {res['images_per_concept']} images per concept")
+        print(evaluate.markdown_table([res["style"]], list(res["style"])))
+        print()
+        print(evaluate.markdown_table([res["shape"]], list(res["shape"])))
+        print(f"\n{res['seconds']} s")
+    else:
+        print(json.dumps(res, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
