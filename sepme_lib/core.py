@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from . import world
@@ -17,42 +16,59 @@ from . import world
 # ------------------------------------------------------------------------------------------ concepts
 @dataclass
 class Concept:
-    """A concept to erase: its name, the prompt ``c`` that stands for it, and reference latents ``x_0``."""
+    """A concept to erase: its name, the prompts that stand for it, and reference latents ``x_0``.
+
+    ``prompts[0]`` is the concept's main prompt (``.prompt``); further prompts are variants (other shapes,
+    colours) that the erasure trains on and that the other concepts' null spaces protect.
+    """
 
     name: str
-    prompt: str
+    prompts: list
     latents: torch.Tensor  # (N, C, H, W) in the UNet's input space
     emb: torch.Tensor | None = field(default=None, repr=False)
 
+    def __post_init__(self):
+        self.prompts = [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
+        if not self.prompts:
+            raise ValueError(f"concept {self.name!r} needs at least one prompt")
+
+    @property
+    def prompt(self) -> str:
+        return self.prompts[0]
+
     def embedding(self, model) -> torch.Tensor:
+        """Embeddings of all the concept's prompts, ``(k, L, d_in)`` (cached)."""
         if self.emb is None:
-            self.emb = model.embed([self.prompt])
+            self.emb = model.embed(self.prompts)
         return self.emb
 
 
-def make_concept(model, name: str, prompt: str | None = None, n_ref: int = 64, seed: int = 0) -> Concept:
+def make_concept(model, name: str, prompt=None, n_ref: int = 64, seed: int = 0, n_prompts: int = 4) -> Concept:
     """A :class:`Concept` with its reference set (notebook 02).
 
     On the bundled model a world concept ("striped", "star") takes world renders as ``x_0`` and
-    ``world.concept_prompt(name)`` as its prompt. Any other concept (and any concept on Stable Diffusion)
-    needs ``prompt`` and takes ``x_0`` from images the original model generates for it.
+    ``world.concept_prompts(name, n_prompts)`` as its prompts. Any other concept (and any concept on Stable
+    Diffusion) needs ``prompt`` (a string or a list) and takes ``x_0`` from images the original model
+    generates for its first prompt.
     """
     if model.name == "tiny" and prompt is None:
-        prompt = world.concept_prompt(name)  # raises with the list of known names
+        prompts = world.concept_prompts(name, n_prompts)  # raises with the list of known names
         imgs = torch.from_numpy(world.reference_images(name, n_ref, seed=seed))
-        return Concept(name, prompt, model.to_latent(imgs))
+        return Concept(name, prompts, model.to_latent(imgs))
     if prompt is None:
         raise ValueError(f"concept {name!r} needs a prompt on model {model.name!r} (e.g. make_concept(model, "
                          f"'van_gogh', prompt='a painting in the style of Van Gogh'))")
-    imgs = model.sample([prompt] * n_ref, seeds=range(seed, seed + n_ref)) * 2 - 1
-    return Concept(name, prompt, model.to_latent(imgs))
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    imgs = model.sample([prompts[0]] * n_ref, seeds=range(seed, seed + n_ref)) * 2 - 1
+    return Concept(name, prompts, model.to_latent(imgs))
 
 
-def make_concepts(model, names, n_ref: int = 64, seed: int = 0) -> list[Concept]:
+def make_concepts(model, names, n_ref: int = 64, seed: int = 0, n_prompts: int = 4) -> list[Concept]:
+    """World concepts by name (the bundled model), each with ``n_prompts`` prompts and ``n_ref`` renders."""
     names = [names] if isinstance(names, str) else list(names)
     if len(set(names)) != len(names):
         raise ValueError(f"concept names repeat: {names}")
-    return [make_concept(model, n, n_ref=n_ref, seed=seed + 1000 * k) for k, n in enumerate(names)]
+    return [make_concept(model, n, n_ref=n_ref, seed=seed + 1000 * k, n_prompts=n_prompts) for k, n in enumerate(names)]
 
 
 # ---------------------------------------------------------------------------- representations, L_cor
@@ -175,13 +191,5 @@ def capacity_table(model, prompt_sets) -> list[dict]:
     return rows
 
 
-def seeded_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed))
-
-
 def rng_choice(gen: torch.Generator, n: int, k: int) -> torch.Tensor:
     return torch.randint(0, n, (k,), generator=gen)
-
-
-def as_numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -123,7 +123,7 @@ def _train(model, concepts, groups, owner, s: Settings, skip_empty: bool, progre
             t = torch.randint(0, model.num_train_timesteps, (s.batch,), generator=gen)
             noise = torch.randn(z0.shape, generator=gen)
             xs.append(model.add_noise(z0, noise.to(model.device), t.to(model.device)))
-            es.append(embs[i].expand(s.batch, -1, -1))
+            es.append(embs[i][core.rng_choice(gen, len(embs[i]), s.batch)])  # one of the concept's prompts each
             ts.append(t)
         X, E, T = torch.cat(xs), torch.cat(es), torch.cat(ts).to(model.device)
         E0 = c0.expand(len(X), -1, -1)
@@ -226,11 +226,15 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
         raise ValueError(f"unknown mode {mode!r}; use 'separate', 'joint' or 'iterative'")
     concepts = list(concepts)
     protect = list(protect)
-    prompts = [c.prompt for c in concepts]
+    prompts = [c.prompts for c in concepts]  # every prompt of every concept is protected from the others
+
+    def flat(lists):
+        return [p for ps in lists for p in ps]
+
     if mode == "iterative":
-        sets = [None] + [[""] + prompts[:t] + protect for t in range(1, len(concepts))]
+        sets = [None] + [[""] + flat(prompts[:t]) + protect for t in range(1, len(concepts))]
     else:
-        sets = [[""] + prompts[:i] + prompts[i + 1:] + protect for i in range(len(concepts))]
+        sets = [[""] + flat(prompts[:i] + prompts[i + 1:]) + protect for i in range(len(concepts))]
     # build (and capacity-check) every group before training anything
     groups = [None if p is None else _decoupled_group(model, c.name, p, s) for c, p in zip(concepts, sets)]
     method = {"separate": "sepme1", "joint": "sepme1_joint", "iterative": "sepme2"}[mode]

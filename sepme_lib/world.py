@@ -90,6 +90,23 @@ def concept_prompt(name: str) -> str:
     return caption(name, None, None)
 
 
+def concept_prompts(name: str, k: int = 4) -> list[str]:
+    """The concept's main prompt followed by ``k - 1`` full captions of it with other attributes cycling
+    (``"an object in striped style", "a red circle in striped style", "a green square in striped style"``)."""
+    first = concept_prompt(name)
+    if k < 1:
+        raise ValueError(f"a concept needs at least one prompt, got k={k}")
+    kind = concept_kind(name)
+    out = [first]
+    for i in range(k - 1):
+        colour = COLOUR_NAMES[i % len(COLOUR_NAMES)]
+        if kind == "style":
+            out.append(caption(SHAPES[i % len(SHAPES)], name, colour))
+        else:
+            out.append(caption(name, STYLES[1 + i % (len(STYLES) - 1)], colour))
+    return out
+
+
 def eval_specs(concept: str, n: int, seed: int = 0) -> list[Spec]:
     """``n`` specs that show ``concept`` with the other attributes cycling (for evaluation prompts)."""
     kind = concept_kind(concept)

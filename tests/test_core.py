@@ -59,7 +59,7 @@ def three(tiny):
 def test_leakage_is_float_precision(tiny, three):
     cs, ds = three
     for d, c in zip(ds, cs):
-        others = [""] + [o.prompt for o in cs if o is not c]
+        others = [""] + [p for o in cs if o is not c for p in o.prompts]
         leak = core.leakage(tiny, d.tensors, others)
         assert max(leak.values()) < 1e-5, leak
         assert core.leakage(tiny, d.tensors, [c.prompt])[c.prompt] > 1e-4  # it does change its own concept
@@ -163,11 +163,11 @@ def test_joint_and_iterative_modes(tiny):
     s = sepme.Settings(cap=5, batch=2, lr=1e-2)
     joint = sepme.sepme(tiny, cs, "joint", s, progress=False)
     assert [d.method for d in joint] == ["sepme1_joint"] * 2
-    assert max(core.leakage(tiny, joint[0].tensors, ["", cs[1].prompt]).values()) < 1e-5
+    assert max(core.leakage(tiny, joint[0].tensors, ["", *cs[1].prompts]).values()) < 1e-5
     it = sepme.sepme(tiny, cs, "iterative", s, progress=False)
     assert it[0].method == "sepme2" and len(it[0].tensors) > len(it[1].tensors)  # step 1: all attn2 params
-    assert it[1].info["protected"] == ["", cs[0].prompt]  # A_2 = c_0 + concept 1
-    assert max(core.leakage(tiny, it[1].tensors, ["", cs[0].prompt]).values()) < 1e-5
+    assert it[1].info["protected"] == ["", *cs[0].prompts]  # A_2 = c_0 + concept 1
+    assert max(core.leakage(tiny, it[1].tensors, ["", *cs[0].prompts]).values()) < 1e-5
 
 
 def test_sd_architecture_leakage_and_combination(tiny_sd):
