@@ -4,6 +4,7 @@
 * ``quality``   -- the original model's classifier ACC per style and shape (the "original" column of every
   table); ``--images-per-concept N``.
 * ``sepme``     -- the paper's Tables 1-5 (and 6 in the full profile) on the bundled world.
+* ``passes``    -- seconds per erasure step with and without the skipped empty-prompt pass.
 * ``relatives`` -- SepME beside its relatives (``relatives.relatives_benchmark``).
 * ``widgets``   -- refresh time of the interactive grid (``widgets.benchmark``).
 
@@ -32,6 +33,22 @@ def bench_world(n: int = 5000) -> dict:
     world.render(specs, seed=0)
     dt = time.time() - t0
     return dict(images=n, seconds=round(dt, 3), images_per_second=round(n / dt, 1))
+
+
+def bench_passes(steps: int = 20, batch: int = 4) -> dict:
+    """Speed-up from skipping the edited model's empty-prompt pass when ``c_0`` is protected (DESIGN.md)."""
+    model = load_model("tiny")
+    c = core.make_concepts(model, ["striped"], n_ref=32)
+    out = {}
+    for skip in (False, True):
+        s = sepme.Settings(cap=steps, batch=batch, tau=-1e9)
+        g = sepme._decoupled_group(model, "striped", [""], s)
+        t0 = time.time()
+        sepme._train(model, c, [g], [0], s, skip_empty=skip, progress=False)
+        out["skip" if skip else "no_skip"] = round((time.time() - t0) / steps, 4)
+    out["speedup"] = round(out["no_skip"] / out["skip"], 2)
+    out["unit"] = "seconds per step"
+    return out
 
 
 def bench_quality(images_per_concept: int = 50, steps=None, guidance=None, model=None, clf=None) -> dict:
@@ -120,7 +137,7 @@ def sepme_markdown(out: dict, evals) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["world", "quality", "sepme", "relatives", "widgets"])
+    ap.add_argument("what", choices=["world", "quality", "sepme", "passes", "relatives", "widgets"])
     ap.add_argument("--profile", default=None, help="ci or full (default: $PROFILE, else full)")
     ap.add_argument("--images-per-concept", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=None)
@@ -134,6 +151,8 @@ def main(argv=None):
         res = bench_quality(args.images_per_concept, args.steps, args.guidance)
     elif args.what == "sepme":
         res = bench_sepme(prof)
+    elif args.what == "passes":
+        res = bench_passes()
     elif args.what == "relatives":
         from .relatives import relatives_benchmark
         res = relatives_benchmark(prof)

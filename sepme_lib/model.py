@@ -128,9 +128,13 @@ class T2IModel:
         (``torch.func.functional_call``): that is how an edited model ``theta + dtheta`` is run without
         copying the UNet."""
         t = t.expand(z_t.shape[0]) if t.dim() == 0 else t
+        dt = self.unet.dtype
+        z_t, emb = z_t.to(dt), emb.to(dt)
         if weights:
-            return functional_call(self.unet, weights, (z_t, t), {"encoder_hidden_states": emb}, strict=False).sample
-        return self.unet(z_t, t, encoder_hidden_states=emb).sample
+            out = functional_call(self.unet, weights, (z_t, t), {"encoder_hidden_states": emb}, strict=False).sample
+        else:
+            out = self.unet(z_t, t, encoder_hidden_states=emb).sample
+        return out.float()
 
     def to_eps(self, out, z_t, t):
         """Convert a raw output to eps: for v-prediction ``eps = sqrt(abar) v + sqrt(1-abar) x_t``."""
@@ -222,6 +226,23 @@ class T2IModel:
                 h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+    def memory_report(self) -> str:
+        """Parameter counts and memory of the parts, and the size of one SepME delta (GPU planning)."""
+        def size(m):
+            n = sum(p.numel() for p in m.parameters())
+            b = sum(p.numel() * p.element_size() for p in m.parameters())
+            return n, b
+        parts = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.vae is not None:
+            parts["vae"] = self.vae
+        lines = [f"{k}: {size(m)[0] / 1e6:.1f}M parameters, {size(m)[1] / 2**20:.0f} MiB" for k, m in parts.items()]
+        kv = sum(p.numel() for p in self.params(self.kv_weight_names()).values())
+        lines.append(f"one delta (all attn2 to_k/to_v, fp32): {kv * 4 / 2**20:.1f} MiB; Adam state for it: "
+                     f"{3 * kv * 4 / 2**20:.1f} MiB")
+        if self.device.type == "cuda":
+            lines.append(f"CUDA memory allocated now: {torch.cuda.memory_allocated(self.device) / 2**30:.2f} GiB")
+        return "\n".join(lines)
 
     @contextmanager
     def edited(self, weights: dict):
@@ -390,8 +411,11 @@ def load_sd(path_or_id: str, device=None, dtype=None) -> T2IModel:
                     device=device)
 
 
-def load_model(name: str = "tiny", device=None) -> T2IModel:
-    """``"tiny"`` -> the bundled model in ``data/``; anything else -> an SD 1.x id or local folder."""
+def load_model(name: str = "tiny", device=None, dtype=None) -> T2IModel:
+    """``"tiny"`` -> the bundled model in ``data/``; anything else -> an SD 1.x id or local folder.
+
+    ``dtype=torch.float16`` halves SD's memory on a GPU (deltas stay float32 and are added in fp32, then
+    cast); the default float32 is exact and what the tests use."""
     if name == "tiny":
         return load_tiny(device=device)
-    return load_sd(name, device=device)
+    return load_sd(name, device=device, dtype=dtype)

@@ -134,8 +134,8 @@ def _train(model, concepts, groups, owner, s: Settings, skip_empty: bool, progre
         # 3. the edited model, one pass; stopped groups contribute constants
         dws = [g.dW() if g.stopped_at is None else {k: v.detach() for k, v in g.dW().items()} for g in groups]
         weights = {}
-        for k, w in base.items():
-            weights[k] = w.detach() + sum(d[k] for d in dws if k in d)
+        for k, w in base.items():  # theta + sum_g dTheta_g, in the base weights' dtype (fp16 on a GPU)
+            weights[k] = (w.detach().float() + sum(d[k] for d in dws if k in d)).to(w.dtype)
         if skip_empty:
             e_c_new = model.eps(X, T, E, weights)
             r_new = core.concept_representation(e_c_new, e_0)
