@@ -21,7 +21,7 @@ TINY_SAMPLE_STEPS = 20
 
 PROFILES = {
     # sizes for notebooks and benchmarks; "ci" shrinks sizes, it never skips the point of a cell
-    "ci": dict(images_per_concept=8, erase_steps=40, batch=4, sample_steps=10, grid=4),
+    "ci": dict(images_per_concept=6, erase_steps=25, batch=2, sample_steps=8, grid=4),
     "full": dict(images_per_concept=50, erase_steps=400, batch=8, sample_steps=TINY_SAMPLE_STEPS, grid=8),
 }
 
