@@ -25,6 +25,18 @@ from .classifier import load_classifier
 from .model import load_model
 
 ERASE_STYLES = ("striped", "checkered", "dotted")  # the paper's Van Gogh / Picasso / Cezanne analogue
+RESULTS = config.DATA / "results"  # committed full-profile runs: <kind>_full.json
+
+
+def load_or_run(kind: str, profile: str, compute):
+    """Notebook 07's rule: recompute in the full profile; otherwise show the committed full-profile results
+    ``data/results/<kind>_full.json`` (computing in the given profile only if that file is absent)."""
+    path = RESULTS / f"{kind}_full.json"
+    if profile != "full" and path.exists():
+        print(f"showing the committed full-profile results in {path.relative_to(config.ROOT)}")
+        return json.loads(path.read_text())
+    print(f"computing {kind} in the {profile} profile ...")
+    return compute()
 
 
 def bench_world(n: int = 5000) -> dict:
@@ -143,6 +155,7 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", action="store_true", help="also write data/results/<what>_<profile>.json")
     args = ap.parse_args(argv)
     prof = config.profile(args.profile)["name"]
     if args.what == "world":
@@ -159,6 +172,9 @@ def main(argv=None):
     else:
         from .widgets import benchmark
         res = benchmark()
+    if args.save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.what}_{prof}.json").write_text(json.dumps(res, indent=1, default=float))
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "markdown"}, indent=1, default=float))
     elif "markdown" in res:
