@@ -26,7 +26,7 @@ import torch
 from . import core
 from .deltas import Delta
 
-PAPER_DEFAULTS = dict(gcirs=dict(lr=1e-6, lam=0.0), sepme=dict(lr=1e-2, beta=1e-4, lam=3e-5), alpha=0.9, tau=0.0,
+PAPER_DEFAULTS = dict(gcirs=dict(lr=1e-6, lam=3e-5), sepme=dict(lr=1e-2, beta=1e-4, lam=3e-5), alpha=0.9, tau=0.0,
                       cap=1000)
 
 
@@ -35,11 +35,13 @@ class Settings:
     """Hyper-parameters of one erasure run. Defaults are tuned for the bundled tiny model (README); the
     paper's SD values are in ``PAPER_DEFAULTS``."""
 
-    lr: float = 1e-3          # Adam learning rate (G-CiRs on dW; decoupled on w)
-    beta: float = 1e-2        # dW = beta * w @ S^T (Eq. 10)
+    lr: float = 2e-2          # Adam learning rate of the decoupled w (SepME, Eq. 10)
+    gcirs_lr: float = 1e-4    # Adam learning rate of dW when G-CiRs edits weights directly (Alg. 1)
+    beta: float = 5e-2        # dW = beta * w @ S^T (Eq. 10)
     lam: float = 0.0          # L1 weight (Eq. 11)
     alpha: float = 0.9        # momentum of the stop monitor (Eq. 4)
-    tau: float = 0.0          # stop threshold (Eq. 4)
+    tau: float = 0.0          # stop threshold (Eq. 4) of decoupled increments (SepME)
+    gcirs_tau: float = -6e-3  # stop threshold of increments G-CiRs trains on all attn2 weights (see README)
     cap: int = 300            # step cap
     warmup: int = 10          # minimum steps before the tau test
     batch: int = 4            # reference images per concept per step
@@ -101,9 +103,9 @@ def _train(model, concepts, groups, owner, s: Settings, skip_empty: bool, progre
     """The shared loop (see the module docstring). ``owner[i]`` is the group index of concept ``i``."""
     gen = torch.Generator().manual_seed(s.seed)
     base = model.params({k for g in groups for k in g.params})
-    opts = [torch.optim.Adam(list(g.params.values()), lr=s.lr) for g in groups]
+    opts = [torch.optim.Adam(list(g.params.values()), lr=s.lr if g.basis is not None else s.gcirs_lr) for g in groups]
     for g in groups:
-        g.monitor = core.MomentumStop(s.alpha, s.tau, s.warmup, s.cap)
+        g.monitor = core.MomentumStop(s.alpha, s.tau if g.basis is not None else s.gcirs_tau, s.warmup, s.cap)
     embs = [c.embedding(model) for c in concepts]
     c0 = model.empty()
     hist = dict(step=[], lcor=[[] for _ in concepts], eta=[[] for _ in concepts],

@@ -132,7 +132,7 @@ def test_empty_prompt_skip_is_exact(tiny, three):
 
 def test_early_stop_triggers_before_cap(tiny):
     c = core.make_concepts(tiny, ["striped"], n_ref=8)
-    d = sepme.gcirs(tiny, c, sepme.Settings(cap=200, batch=2, lr=5e-3, tau=1e9), progress=False)
+    d = sepme.gcirs(tiny, c, sepme.Settings(cap=200, batch=2, gcirs_tau=1e9), progress=False)
     assert d.info["steps"] == 10 and "tau" in d.info["stop_reason"]  # tau huge: stop right after warm-up
 
 
