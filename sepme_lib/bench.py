@@ -115,14 +115,16 @@ def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, pro
     g_rows.append(dict(erased="+".join(ERASE_STYLES), acc=acc, others=evaluate.others_mean(acc, ERASE_STYLES),
                        l1=d.l1_norm()))
     out["gcirs"] = g_rows
-    if prof["name"] == "full":  # Table 6: the stop threshold tau
-        sweep = []
-        for tau in (-0.02, -0.01, 0.0, 0.01):
-            st = sepme.Settings(**dict(s.as_dict(), tau=tau))
-            ds = sepme.sepme(model, concepts[:1], "separate", st, progress=progress)
-            acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, ds))
-            sweep.append(dict(tau=tau, steps=ds[0].info["steps"], acc=acc, others=evaluate.others_mean(acc, ERASE_STYLES[:1])))
-        out["tau_sweep"] = sweep
+    if prof["name"] == "full":  # Table 6 (the stop threshold tau) and the L1 weight lambda, erasing striped
+        for key, name, values in (("tau_sweep", "tau", (0.002, 0.0, -0.002, -0.004)), ("lam_sweep", "lam", (0.0, 1e-6, 5e-6))):
+            sweep = []
+            for v in values:
+                st = sepme.Settings(**dict(s.as_dict(), **{name: v}))
+                ds = sepme.sepme(model, concepts[:1], "separate", st, progress=progress)
+                acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, ds))
+                sweep.append({name: v, "steps": ds[0].info["steps"], "acc": acc, "l1": ds[0].l1_norm(),
+                              "others": evaluate.others_mean(acc, ERASE_STYLES[:1])})
+            out[key] = sweep
     out["seconds"] = round(time.time() - t0, 1)
     out["markdown"] = sepme_markdown(out, evals)
     return out
@@ -140,10 +142,11 @@ def sepme_markdown(out: dict, evals) -> str:
         parts += ["\n\n" + evaluate.markdown_table([summ], list(summ))]
     rows = [dict(erased=r["erased"], others=r["others"], l1=r["l1"], **r["acc"]) for r in out["gcirs"]]
     parts += ["\n\nG-CiRs (Tables 1-2 layout)\n", evaluate.markdown_table(rows, ["erased"] + list(evals) + ["others", "l1"])]
-    if "tau_sweep" in out:
-        rows = [dict(tau=r["tau"], steps=r["steps"], others=r["others"], **r["acc"]) for r in out["tau_sweep"]]
-        parts += ["\n\ntau sweep, erasing striped (Table 6 layout)\n",
-                  evaluate.markdown_table(rows, ["tau", "steps"] + list(evals) + ["others"])]
+    for key, name in (("tau_sweep", "tau"), ("lam_sweep", "lam")):
+        if key in out:
+            rows = [dict({name: r[name]}, steps=r["steps"], others=r["others"], l1=r["l1"], **r["acc"]) for r in out[key]]
+            parts += [f"\n\n{name} sweep, SepME_1 erasing striped alone (Table 6 layout)\n",
+                      evaluate.markdown_table(rows, [name, "steps"] + list(evals) + ["others", "l1"])]
     return "".join(parts)
 
 

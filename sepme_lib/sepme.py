@@ -41,7 +41,7 @@ class Settings:
     lam: float = 0.0          # L1 weight (Eq. 11)
     alpha: float = 0.9        # momentum of the stop monitor (Eq. 4)
     tau: float = 0.0          # stop threshold (Eq. 4) of decoupled increments (SepME)
-    gcirs_tau: float = -6e-3  # stop threshold of increments G-CiRs trains on all attn2 weights (see README)
+    gcirs_tau: float = -8e-3  # stop threshold of increments G-CiRs trains on all attn2 weights (see README)
     cap: int = 300            # step cap
     warmup: int = 10          # minimum steps before the tau test
     batch: int = 4            # reference images per concept per step

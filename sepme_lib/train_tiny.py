@@ -48,6 +48,9 @@ def main(argv=None):
     ap.add_argument("--checkpoint-minutes", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--log", type=Path, default=None, help="append progress lines here too")
+    ap.add_argument("--from-export", action="store_true",
+                    help="without a state file, continue from the exported weights in --out (fresh optimizer): "
+                         "how a new machine continues the committed model")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,6 +73,18 @@ def main(argv=None):
         rng = np.random.default_rng(args.seed + step)  # fresh, deterministic stream after a resume
         torch.manual_seed(args.seed + step)
         print(f"resumed from {args.state} at step {step} ({seconds / 60:.1f} min trained)")
+    elif args.from_export:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.out / "unet").state_dict())
+        text.load_state_dict(CLIPTextModel.from_pretrained(args.out / "text_encoder").state_dict())
+        ema_unet.load_state_dict(unet.state_dict()), ema_text.load_state_dict(text.state_dict())
+        meta = json.loads((args.out / "training.json").read_text())
+        step, seconds, history = meta["step"], meta["minutes"] * 60, meta.get("history", [])
+        rng = np.random.default_rng(args.seed + step)
+        torch.manual_seed(args.seed + step)
+        print(f"continuing from the exported weights in {args.out} at step {step} (fresh optimizer)")
     else:
         torch.manual_seed(args.seed)
 

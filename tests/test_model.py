@@ -1,3 +1,4 @@
+import json
 import time
 import warnings
 
@@ -104,3 +105,7 @@ def test_training_smoke_and_checkpoint_roundtrip(tmp_path):
     # resuming continues from step 3
     train_tiny.main(["--out", str(out), "--state", str(state), "--max-steps", "5", "--batch", "4", "--seed", "1"])
     assert torch.load(state, weights_only=False)["step"] == 5
+    # a new machine has only the committed export: continue from it with a fresh optimizer
+    state.unlink()
+    train_tiny.main(["--out", str(out), "--state", str(state), "--max-steps", "6", "--batch", "4", "--from-export"])
+    assert json.loads((out / "training.json").read_text())["step"] == 6
