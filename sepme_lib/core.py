@@ -164,7 +164,10 @@ def check_capacity(n_null: int, d_in: int, rank: int, n_prompts: int, name: str,
 
 def leakage(model, tensors: dict, prompts) -> dict:
     """Certificate of separability: for each prompt, ``max_l ||A dW_l^T|| / ||A W_l^T||`` over edited
-    to_k/to_v matrices, with ``A`` the prompt's ``L`` embedding rows (notebook 03)."""
+    to_k/to_v matrices, with ``A`` the prompt's ``L`` embedding rows (notebook 03).
+
+    It certifies decoupled (SepME) increments, which only touch to_k/to_v. A G-CiRs increment also edits
+    to_q and to_out, which act on every prompt; for it this number understates the change."""
     params = dict(model.unet.named_parameters())
     out = {}
     for p in prompts:

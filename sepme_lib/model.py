@@ -156,17 +156,24 @@ class T2IModel:
     @torch.no_grad()
     def sample(self, prompts, seeds=None, steps: int | None = None, guidance: float | None = None,
                weights: dict | None = None, batch_size: int = 64, progress: bool = False,
-               callback=None) -> torch.Tensor:
+               callback=None, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM sampling with classifier-free guidance; returns images in [0, 1] ``(B,3,H,W)`` on the CPU.
 
         ``out = out(x, c0) + g * (out(x, c) - out(x, c0))`` (guidance is linear, so doing it on v or on
         eps is the same). The start noise of image ``k`` comes from ``seeds[k]`` alone, so the same seed
         gives the same image whatever the batch. ``weights``: parameters of an edited model.
         ``callback(i, t, z, x0_pred)`` is called after each DDIM step (notebook 01 shows the trajectory).
+        ``embeddings``: precomputed conditions ``(B, L, d_in)`` used instead of encoding ``prompts`` (which may
+        then be ``None``); the red-team probe of notebook 06 samples from derived embeddings this way.
         """
         from diffusers import DDIMScheduler
 
+        if embeddings is not None and prompts is None:
+            prompts = [""] * len(embeddings)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if embeddings is not None and len(embeddings) != len(prompts):
+            raise ValueError(f"got {len(embeddings)} embeddings but {len(prompts)} prompts; pass prompts=None "
+                             "with embeddings")
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -184,7 +191,7 @@ class T2IModel:
             z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(k)))
                              for k in ss]).to(self.device)
             z = z * sched.init_noise_sigma
-            emb = self.embed(ps)
+            emb = self.embed(ps) if embeddings is None else embeddings[s:s + batch_size].to(self.device, torch.float32)
             e0 = self.empty().expand(len(ps), -1, -1)
             both = torch.cat([e0, emb])
             for i, t in enumerate(sched.timesteps):
@@ -373,7 +380,7 @@ def load_tiny(directory=None, device=None) -> T2IModel:
     if missing:
         raise FileNotFoundError(f"the bundled tiny model is incomplete: missing {missing}. Recreate it with "
                                 "`python -m sepme_lib.train_tiny` (or restore data/ from git).")
-    unet = UNet2DConditionModel.from_pretrained(directory / "unet")
+    unet = UNet2DConditionModel.from_pretrained(directory / "unet", low_cpu_mem_usage=False)
     text = CLIPTextModel.from_pretrained(directory / "text_encoder")
     tok = CLIPTokenizer.from_pretrained(directory / "tokenizer")
     sched = DDIMScheduler.from_pretrained(directory / "scheduler")
