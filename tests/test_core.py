@@ -44,7 +44,7 @@ def test_null_space_is_orthonormal_and_annihilates_A():
 
 def test_capacity_error_names_the_numbers(tiny):
     cs = core.make_concepts(tiny, ["striped", "checkered"], n_ref=4)
-    many = [world.caption(sh, st, col) for sh in world.SHAPES for st in world.STYLES[1:3] for col in world.COLOUR_NAMES[:2]]
+    many = [world.caption(sh, st, col) for sh in world.SHAPES for st in world.STYLES[1:] for col in world.COLOUR_NAMES[:2]]
     with pytest.raises(core.CapacityError, match=r"dimension \d+ .*d_in 256"):
         sepme.sepme(tiny, cs, "separate", sepme.Settings(cap=2, batch=1), protect=many, progress=False)
 
@@ -71,9 +71,9 @@ def test_combination_is_exact_per_concept(tiny, three, subset):
     cs, ds = three
     w_all = deltas.edited_weights(tiny, [ds[i] for i in subset])
     g = torch.Generator().manual_seed(1)
-    X, T = torch.randn(2, 48, 8, 8, generator=g), torch.tensor([100, 800])
+    X, T = torch.randn(4, 48, 8, 8, generator=g), torch.tensor([100, 800, 300, 999])
     for j, c in enumerate(cs):
-        E = c.embedding(tiny).expand(2, -1, -1)
+        E = c.embedding(tiny)  # all 4 prompts of concept j
         ref = tiny.eps(X, T, E, deltas.edited_weights(tiny, [ds[j]]) if j in subset else None)
         got = tiny.eps(X, T, E, w_all)
         assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
