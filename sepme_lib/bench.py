@@ -83,8 +83,13 @@ def _leakage_max(model, deltas) -> float:
     return worst
 
 
-def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, progress: bool = True) -> dict:
-    """Tables 1-5 (+6 in ``full``) of the paper on the bundled world; see the issue for the JSON keys."""
+def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, progress: bool = True,
+                checkpoint=None) -> dict:
+    """Tables 1-5 (+6 in ``full``) of the paper on the bundled world; see the issue for the JSON keys.
+
+    ``checkpoint(out)`` is called after each section with the results so far (``--save`` writes them), so
+    a long run that is stopped keeps what it finished."""
+    checkpoint = checkpoint or (lambda out: None)
     prof = config.profile(profile)
     n = prof["images_per_concept"]
     model = load_model("tiny")
@@ -104,6 +109,7 @@ def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, pro
                         seconds_per_concept=round(train_s / len(ds), 1),
                         steps=[d.info.get("steps") for d in ds], l1=[round(d.l1_norm(), 4) for d in ds])
         out["tables"][key] = tab["rows"]
+        checkpoint(out)
     # Tables 1-2: G-CiRs alone, single concepts and all three at once
     g_rows = []
     for c in concepts:
@@ -115,6 +121,7 @@ def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, pro
     g_rows.append(dict(erased="+".join(ERASE_STYLES), acc=acc, others=evaluate.others_mean(acc, ERASE_STYLES),
                        l1=d.l1_norm()))
     out["gcirs"] = g_rows
+    checkpoint(out)
     if prof["name"] == "full":  # Table 6 (the stop threshold tau) and the L1 weight lambda, erasing striped
         for key, name, values in (("tau_sweep", "tau", (0.002, 0.0, -0.004)), ("lam_sweep", "lam", (0.0, 5e-6))):
             sweep = []
@@ -125,6 +132,7 @@ def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, pro
                 sweep.append({name: v, "steps": ds[0].info["steps"], "acc": acc, "l1": ds[0].l1_norm(),
                               "others": evaluate.others_mean(acc, ERASE_STYLES[:1])})
             out[key] = sweep
+            checkpoint(out)
     out["seconds"] = round(time.time() - t0, 1)
     out["markdown"] = sepme_markdown(out, evals)
     return out
@@ -134,14 +142,20 @@ def sepme_markdown(out: dict, evals) -> str:
     parts = [f"Original model (ACC, {out['images_per_concept']} images per concept):\n",
              evaluate.markdown_table([out["original"]], list(evals))]
     for key, title in (("sepme1", "SepME_1 (separate)"), ("sepme2", "SepME_2 (iterative)")):
+        if key not in out["tables"]:
+            continue
         rows = [dict(erased="+".join(r["subset"]), **r["acc"]) for r in out["tables"][key]]
         parts += [f"\n\n{title}: ACC of every style under theta + sum of the listed increments "
                   "(Tables 3-5 layout)\n", evaluate.markdown_table(rows, ["erased"] + list(evals))]
         summ = {k: out[key][k] for k in ("leakage_max", "erased_acc_max", "others_ratio_min",
                                          "restoration_drift_max", "seconds_per_concept")}
         parts += ["\n\n" + evaluate.markdown_table([summ], list(summ))]
-    rows = [dict(erased=r["erased"], others=r["others"], l1=r["l1"], **r["acc"]) for r in out["gcirs"]]
-    parts += ["\n\nG-CiRs (Tables 1-2 layout)\n", evaluate.markdown_table(rows, ["erased"] + list(evals) + ["others", "l1"])]
+    if "gcirs" in out:
+        rows = [dict(erased=r["erased"], others=r["others"], l1=r["l1"], **r["acc"]) for r in out["gcirs"]]
+        parts += ["\n\nG-CiRs (Tables 1-2 layout)\n",
+                  evaluate.markdown_table(rows, ["erased"] + list(evals) + ["others", "l1"])]
+    if not out.get("complete", True):
+        parts += ["\n\n(partial results: the run was stopped before its remaining sections)"]
     for key, name in (("tau_sweep", "tau"), ("lam_sweep", "lam")):
         if key in out:
             rows = [dict({name: r[name]}, steps=r["steps"], others=r["others"], l1=r["l1"], **r["acc"]) for r in out[key]]
@@ -166,7 +180,12 @@ def main(argv=None):
     elif args.what == "quality":
         res = bench_quality(args.images_per_concept, args.steps, args.guidance)
     elif args.what == "sepme":
-        res = bench_sepme(prof)
+        def save_partial(out):
+            if args.save:
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                (RESULTS / f"sepme_{prof}.json").write_text(json.dumps(dict(out, complete=False), indent=1, default=float))
+        res = bench_sepme(prof, checkpoint=save_partial)
+        res["complete"] = True
     elif args.what == "passes":
         res = bench_passes()
     elif args.what == "relatives":
