@@ -91,20 +91,21 @@ def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, pro
     a long run that is stopped keeps what it finished."""
     checkpoint = checkpoint or (lambda out: None)
     prof = config.profile(profile)
-    n = prof["images_per_concept"]
+    n, steps = prof["images_per_concept"], prof["sample_steps"]
     model = load_model("tiny")
     clf = load_classifier(device=model.device)
-    s = settings or sepme.Settings()
+    s = settings or (sepme.Settings() if prof["name"] == "full" else
+                     sepme.Settings(cap=prof["erase_steps"], batch=prof["batch"]))
     evals = list(world.STYLES)
     t0 = time.time()
     concepts = core.make_concepts(model, ERASE_STYLES, n_ref=64)
-    original = evaluate.acc_table(model, clf, evals, n)
+    original = evaluate.acc_table(model, clf, evals, n, steps=steps)
     out = dict(profile=prof["name"], images_per_concept=n, settings=s.as_dict(), original=original, tables={})
     for key, mode in (("sepme1", "separate"), ("sepme2", "iterative")):
         t = time.time()
         ds = sepme.sepme(model, concepts, mode, s, progress=progress)
         train_s = time.time() - t
-        tab = evaluate.combination_table(model, clf, ds, evals, n, original=original, progress=progress)
+        tab = evaluate.combination_table(model, clf, ds, evals, n, steps=steps, original=original, progress=progress)
         out[key] = dict(tab["summary"], leakage_max=_leakage_max(model, ds),
                         seconds_per_concept=round(train_s / len(ds), 1),
                         steps=[d.info.get("steps") for d in ds], l1=[round(d.l1_norm(), 4) for d in ds])
@@ -114,10 +115,10 @@ def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, pro
     g_rows = []
     for c in concepts:
         d = sepme.gcirs(model, [c], s, progress=progress)
-        acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, [d]))
+        acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, [d]), steps=steps)
         g_rows.append(dict(erased=c.name, acc=acc, others=evaluate.others_mean(acc, [c.name]), l1=d.l1_norm()))
     d = sepme.gcirs(model, concepts, s, progress=progress)
-    acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, [d]))
+    acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, [d]), steps=steps)
     g_rows.append(dict(erased="+".join(ERASE_STYLES), acc=acc, others=evaluate.others_mean(acc, ERASE_STYLES),
                        l1=d.l1_norm()))
     out["gcirs"] = g_rows
@@ -128,7 +129,7 @@ def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, pro
             for v in values:
                 st = sepme.Settings(**dict(s.as_dict(), **{name: v}))
                 ds = sepme.sepme(model, concepts[:1], "separate", st, progress=progress)
-                acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, ds))
+                acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, ds), steps=steps)
                 sweep.append({name: v, "steps": ds[0].info["steps"], "acc": acc, "l1": ds[0].l1_norm(),
                               "others": evaluate.others_mean(acc, ERASE_STYLES[:1])})
             out[key] = sweep
