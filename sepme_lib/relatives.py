@@ -868,28 +868,10 @@ def prediction_change(model, deltas, prompts, n: int = 4, seed: int = 0) -> dict
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-def _ssim_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """1 - SSIM (gaussian window 7, sigma 1.5, per channel), mean over images: the fallback perceptual distance."""
-    g = torch.exp(-((torch.arange(7) - 3.0) ** 2) / (2 * 1.5 ** 2))
-    g = (g[:, None] * g[None, :]) / g.sum() ** 2
-    k = g.expand(3, 1, 7, 7).to(a)
-
-    def f(x):
-        return F.conv2d(x, k, padding=3, groups=3)
-
-    mu_a, mu_b = f(a), f(b)
-    va, vb, cov = f(a * a) - mu_a ** 2, f(b * b) - mu_b ** 2, f(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
-    return float(1 - ssim.mean())
-
-
 def perceptual(a: torch.Tensor, b: torch.Tensor) -> tuple[float, str]:
-    """``perceptual.perceptual_distance`` when that module exists, else the local 1 - SSIM."""
-    try:
-        from .perceptual import perceptual_distance
-    except ImportError:
-        return _ssim_distance(a, b), "1-SSIM"
+    """``perceptual.perceptual_distance`` (LPIPS when its weights are present, else 1 - SSIM) and its name."""
+    from .perceptual import perceptual_distance
+
     v, name = perceptual_distance(a, b)
     return float(v), name
 
@@ -899,13 +881,18 @@ BENCH_STYLES = ("striped", "checkered", "dotted")
 
 def profile_settings(method: str, prof: dict) -> dict:
     """Settings of ``method`` for a profile (``config.profile(...)``): none in ``full`` (the tuned defaults) and for
-    closed forms; in ``ci`` the fine-tuning step count (or SepME's cap) shrinks to ``prof["erase_steps"]`` and the
-    batch to ``prof["batch"]``."""
+    closed forms. In ``ci``: SepME's and G-CiRs' cap is ``prof["erase_steps"]`` (as in notebooks 02-04); the
+    relatives' fine-tuning runs ``min(10, erase_steps)`` steps (they change nothing visible before ~100 steps on
+    this model anyway, so ci only checks that they run), with ``prof["batch"]`` and, for Ablating, 8 anchor images
+    sampled with ``prof["sample_steps"]`` DDIM steps."""
     if prof["name"] == "full" or method in CLOSED_FORM:
         return {}
     if method in ("sepme", "gcirs"):
         return dict(cap=prof["erase_steps"], batch=prof["batch"])
-    return dict(steps=min(prof["erase_steps"], TINY_DEFAULTS[method]["steps"]), batch=prof["batch"])
+    out = dict(steps=min(prof["erase_steps"], 10, TINY_DEFAULTS[method]["steps"]), batch=prof["batch"])
+    if method == "ablating":
+        out.update(n_anchor=8, anchor_steps=prof["sample_steps"])
+    return out
 
 
 def relatives_benchmark(profile: str = "ci", methods=None, progress: bool = False) -> dict:

@@ -154,7 +154,7 @@ def _train(model, concepts, groups, owner, s: Settings, skip_empty: bool, progre
         if not torch.isfinite(loss):
             last = [Delta(c.name, "diverged", {k: v.detach().clone() for k, v in groups[owner[i]].dW().items()},
                           model.fingerprint(), s.as_dict(), dict(diverged_at=step)) for i, c in enumerate(concepts)]
-            raise ErasureDiverged(f"the erasure loss became {float(loss)} at step {step}; lower the learning "
+            raise ErasureDiverged(f"the erasure loss became {float(loss.detach())} at step {step}; lower the learning "
                                   f"rate (now {s.lr:g}); the increments of the last good step are in .deltas", last)
         for o, g in zip(opts, groups):
             if g.stopped_at is None:
