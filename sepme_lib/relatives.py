@@ -374,6 +374,14 @@ def _name(concepts) -> str:
     return "+".join(c.name for c in concepts)
 
 
+def _erase_guide_preserve(model, concepts, anchor, preserve):
+    """UCE/RECE's three prompt sets: erase (every prompt of every concept), guide (their anchors), preserve."""
+    concepts = as_concepts(model, concepts)
+    prompts = [p for c in concepts for p in c.prompts]
+    guides = [g for c in concepts for g in anchors_for(model, c, anchor)]
+    return concepts, prompts, guides, _preserve(model, concepts, preserve)
+
+
 def uce(model, concepts, anchor=None, preserve="world", **settings) -> Delta:
     """UCE (closed form; DESIGN.md's UCE equation = RECE Eq. 3), on every attn2 to_k/to_v, notebook 06.
 
@@ -384,10 +392,7 @@ def uce(model, concepts, anchor=None, preserve="world", **settings) -> Delta:
     """
     s = _settings("uce", settings)
     t0 = time.time()
-    concepts = as_concepts(model, concepts)
-    prompts = [p for c in concepts for p in c.prompts]
-    guides = [g for c in concepts for g in anchors_for(model, c, anchor)]
-    keep = _preserve(model, concepts, preserve)
+    concepts, prompts, guides, keep = _erase_guide_preserve(model, concepts, anchor, preserve)
     Ke, Cg = _pair_rows(model, prompts, guides, s["keys"])
     Kp = _rows(model, keep, s["keys"])
     W0 = _kv(model)
@@ -435,10 +440,7 @@ def rece(model, concepts, anchor=None, preserve="world", **settings) -> Delta:
     """
     s = _settings("rece", settings)
     t0 = time.time()
-    concepts = as_concepts(model, concepts)
-    prompts = [p for c in concepts for p in c.prompts]
-    guides = [g for c in concepts for g in anchors_for(model, c, anchor)]
-    keep = _preserve(model, concepts, preserve)
+    concepts, prompts, guides, keep = _erase_guide_preserve(model, concepts, anchor, preserve)
     W0 = _kv(model)
     E, G = model.embed(prompts), model.embed(guides)
     Ke, Cg = _pair_rows(model, prompts, guides, s["keys"])
