@@ -34,6 +34,26 @@ def profile(name: str | None = None) -> dict:
     return dict(PROFILES[name], name=name)
 
 
+def set_threads(n: int | None = None) -> int:
+    """Set torch's CPU threads to ``n`` (else ``$SEPME_THREADS``; else leave torch's default) and return the count.
+
+    The bundled model is small, so extra threads buy little, and on a CPU shared with other jobs (a benchmark, a
+    second notebook, CI) they oversubscribe the cores: a widget refresh measured 1.0-1.5 s with one thread and
+    16-35 s with two on an overloaded 2-core machine (``sepme_lib/widgets.py``). One thread per process is the
+    safe choice there; an idle laptop can keep the default.
+    """
+    if n is None and os.environ.get("SEPME_THREADS"):
+        try:
+            n = int(os.environ["SEPME_THREADS"])
+        except ValueError:
+            raise ValueError(f"SEPME_THREADS must be a whole number of threads, got {os.environ['SEPME_THREADS']!r}") from None
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"the number of threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def get_device(prefer: str | None = None) -> torch.device:
     """The one place that picks a device: ``$SEPME_DEVICE`` or ``prefer`` if given, else CUDA, MPS, CPU."""
     want = prefer or os.environ.get("SEPME_DEVICE")

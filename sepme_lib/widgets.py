@@ -21,9 +21,13 @@ All logic is in plain functions, unit-tested in ``tests/test_widgets.py``:
 
 :class:`CombinationWidget` only wires ipywidgets controls to these functions.
 
-Refresh time: a grid of 4 images of the bundled model at ``WIDGET_STEPS = 10`` DDIM steps took 1.0-1.2 s on
-one busy CPU core (``benchmark_refresh``; 20 steps took 2.3-2.4 s, over the 2 s budget of an interactive
-control). Pass ``steps=`` to trade speed for quality; on a GPU any step count is interactive.
+Refresh time (measured with :func:`benchmark_refresh`, 4 images, on a shared 2-core CPU while other jobs kept its
+load average at 5-6): ``WIDGET_STEPS = 8`` DDIM steps -> 1.4-1.5 s per refresh with one torch thread (sampling is
+~85% of it; leakage, classifier and PNGs ~0.2 s); 10 steps -> 2.1 s; at 20 steps sampling alone took 2.3-2.4 s.
+With two torch threads on that overloaded machine a refresh took 16-35 s (thread oversubscription): on a shared
+CPU use ``torch.set_num_threads(1)``. The classifier's ACC of the bundled model's concepts is 1.00 at 6, 8, 10 and
+20 steps, so 8 steps lose nothing visible. Pass ``steps=`` to trade speed for quality; on a GPU any step count is
+interactive.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from .classifier import HEADS, predict
 from .deltas import combine, edited_weights
 from .perceptual import perceptual_distance
 
-WIDGET_STEPS = 10      # DDIM steps per refresh (see the module docstring for the measurement)
+WIDGET_STEPS = 8       # DDIM steps per refresh (see the module docstring for the measurement)
 WIDGET_GUIDANCE = None  # None -> the model's own guidance (config.TINY_GUIDANCE for the bundled model)
 SCALE_RANGE = (-1.0, 2.0)
 UPSCALE = 4            # 32x32 images are shown 128x128 (nearest neighbour)
@@ -326,27 +330,45 @@ def _html_escape(s: str) -> str:
 
 # ------------------------------------------------------------------------------------------ benchmark
 def benchmark_refresh(model, clf, deltas, n: int = 4, steps: int | None = WIDGET_STEPS, repeats: int = 3,
-                      prompt: str | None = None, budget: float = 2.0) -> dict:
+                      prompt: str | None = None, budget: float = 2.0, widget: "CombinationWidget | None" = None) -> dict:
     """Measure the widget's refresh (toggle one delta -> new grid, readout, PNGs) and print the numbers.
 
-    Builds a headless :class:`CombinationWidget`, renders once to warm up (and fill the original-image
-    cache), then toggles the first checkbox ``repeats`` times. Returns ``dict(seconds=[...], median, max,
-    budget, within_budget, n, steps, threads)``. Not a test: timings depend on the machine and its load.
+    Uses ``widget`` if given (then ``n``/``steps``/``prompt`` are the widget's), else builds a headless
+    :class:`CombinationWidget` and renders once to warm up (and fill the original-image cache). Then toggles
+    the first checkbox ``repeats`` times, timing each refresh, and leaves the checkbox as it found it.
+    Returns ``dict(seconds=[...], median, max, budget, within_budget, n, steps, threads)``. Not a test:
+    timings depend on the machine and on what else runs on it.
     """
-    w = CombinationWidget(model, clf, deltas, prompts=[prompt] if prompt else None, n=n, steps=steps)
-    w.update()
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    w = widget
+    if w is None:
+        w = CombinationWidget(model, clf, deltas, prompts=[prompt] if prompt else None, n=n, steps=steps)
+        w.update()
+    elif w.last is None:
+        w.update()
+    box = w.checks[0]
+    start = box.value
     times = []
+
+    def flip():
+        box.unobserve(w._on_change, names="value")
+        box.value = not box.value
+        box.observe(w._on_change, names="value")
+
     for _ in range(repeats):
-        w.checks[0].unobserve(w._on_change, names="value")
-        w.checks[0].value = not w.checks[0].value
-        w.checks[0].observe(w._on_change, names="value")
+        flip()
         t0 = time.perf_counter()
         w.update()
         times.append(time.perf_counter() - t0)
+    if box.value != start:  # put the control back (not timed)
+        flip()
+        w.update()
     med, worst = statistics.median(times), max(times)
-    out = dict(seconds=times, median=med, max=worst, budget=budget, within_budget=worst <= budget, n=n,
-               steps=steps if steps is not None else model.sample_steps, threads=torch.get_num_threads())
-    print(f"widget refresh, {n} images x {out['steps']} DDIM steps on {model.device} "
+    steps = w.steps if w.steps is not None else model.sample_steps
+    out = dict(seconds=times, median=med, max=worst, budget=budget, within_budget=worst <= budget, n=w.n,
+               steps=steps, threads=torch.get_num_threads())
+    print(f"widget refresh, {w.n} images x {steps} DDIM steps on {model.device} "
           f"({out['threads']} torch threads): " + ", ".join(f"{t:.2f}" for t in times)
           + f" s; median {med:.2f} s, max {worst:.2f} s -> {'within' if worst <= budget else 'OVER'} the {budget:g} s budget")
     return out

@@ -21,7 +21,8 @@ STEPS = dict(steps=2, batch=2)  # fine-tuning methods: tiny step counts keep thi
 
 @pytest.fixture(scope="module")
 def concept(tiny_sd):
-    return core.make_concept(tiny_sd, "van_gogh", prompt=PROMPTS, n_ref=4)
+    # random reference latents instead of sampled ones: the random-weight model's samples are noise anyway
+    return core.Concept("van_gogh", PROMPTS, torch.randn(4, *tiny_sd.latent_shape, generator=torch.Generator().manual_seed(0)))
 
 
 def _lstsq_reference(W, Ke, V, Kp, U, lam, e, p):

@@ -172,3 +172,15 @@ def test_widget_refuses_bad_setup(tiny, clf, ds):
         widgets.CombinationWidget(tiny, clf, [])
     with pytest.raises(ValueError, match="seed must be"):
         widgets.CombinationWidget(tiny, clf, ds, seed=-3)
+
+
+def test_benchmark_refresh_reports_numbers_and_restores_the_control(tiny, clf, ds, no_lpips, capsys):
+    pytest.importorskip("ipywidgets")
+    w = widgets.CombinationWidget(tiny, clf, ds, n=2, steps=STEPS)
+    out = widgets.benchmark_refresh(tiny, clf, ds, repeats=2, widget=w)
+    assert len(out["seconds"]) == 2 and all(t > 0 for t in out["seconds"])
+    assert out["median"] <= out["max"] and out["n"] == 2 and out["steps"] == STEPS
+    assert w.checks[0].value is True and w.last["edited"]["scales"]["striped"] == 1.0  # left as found
+    assert "widget refresh, 2 images x 2 DDIM steps" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        widgets.benchmark_refresh(tiny, clf, ds, repeats=0, widget=w)
