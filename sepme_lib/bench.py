@@ -7,6 +7,8 @@
 * ``passes``    -- seconds per erasure step with and without the skipped empty-prompt pass.
 * ``relatives`` -- SepME beside its relatives (``relatives.relatives_benchmark``).
 * ``widgets``   -- refresh time of the interactive grid (``widgets.benchmark``).
+* ``deltas``    -- trains SepME_1 on the three styles with the default settings and writes the bundled
+  increments ``data/deltas/sepme1_<style>.safetensors`` (``sepme.bundled_deltas``).
 
 ``--json`` prints one JSON object instead of markdown.
 """
@@ -28,15 +30,36 @@ ERASE_STYLES = ("striped", "checkered", "dotted")  # the paper's Van Gogh / Pica
 RESULTS = config.DATA / "results"  # committed full-profile runs: <kind>_full.json
 
 
-def load_or_run(kind: str, profile: str, compute):
-    """Notebook 07's rule: recompute in the full profile; otherwise show the committed full-profile results
-    ``data/results/<kind>_full.json`` (computing in the given profile only if that file is absent)."""
+def load_or_run(kind: str, profile: str, compute, recompute: bool = False):
+    """Notebook 07's rule: show the committed full-profile results ``data/results/<kind>_full.json`` (written by
+    ``python -m sepme_lib.bench <kind> --profile full --save``); compute live in the given profile only when
+    ``recompute`` is set (``RECOMPUTE=1``) or that file is absent. Recomputing the full tables takes about an hour
+    on 2 CPU cores, which is why ``make course`` reads them by default."""
     path = RESULTS / f"{kind}_full.json"
-    if profile != "full" and path.exists():
-        print(f"showing the committed full-profile results in {path.relative_to(config.ROOT)}")
-        return json.loads(path.read_text())
+    if not recompute and path.exists():
+        out = json.loads(path.read_text())
+        state = "" if out.get("complete", True) else " (PARTIAL: that run was stopped before its end)"
+        print(f"showing the committed full-profile results in {path.relative_to(config.ROOT)}{state}; "
+              "RECOMPUTE=1 recomputes them")
+        return out
     print(f"computing {kind} in the {profile} profile ...")
     return compute()
+
+
+def make_bundled_deltas(progress: bool = True) -> dict:
+    """Train SepME_1 (separate, default :class:`sepme.Settings`) on ``ERASE_STYLES`` and save the increments where
+    :func:`sepme.bundled_deltas` finds them; returns steps, seconds, leakage and L1 per increment."""
+    model = load_model("tiny")
+    concepts = core.make_concepts(model, ERASE_STYLES, n_ref=64)
+    ds = sepme.sepme(model, concepts, "separate", sepme.Settings(), progress=progress)
+    out = {}
+    for d in ds:
+        d.info.pop("history", None)  # the loss curves are notebook 03's; keep the file's metadata short
+        path = d.save(sepme.BUNDLED_DIR / f"sepme1_{d.name}.safetensors")
+        out[d.name] = dict(path=str(path.relative_to(config.ROOT)), steps=d.info["steps"], seconds=d.info["seconds"],
+                           stop_reason=d.info.get("stop_reason"), l1=d.l1_norm(),
+                           leakage_max=max(core.leakage(model, d.tensors, d.info["protected"]).values()))
+    return out
 
 
 def bench_world(n: int = 5000) -> dict:
@@ -94,8 +117,7 @@ def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, pro
     n, steps = prof["images_per_concept"], prof["sample_steps"]
     model = load_model("tiny")
     clf = load_classifier(device=model.device)
-    s = settings or (sepme.Settings() if prof["name"] == "full" else
-                     sepme.Settings(cap=prof["erase_steps"], batch=prof["batch"]))
+    s = settings or sepme.Settings(cap=prof["erase_steps"], batch=prof["batch"])
     evals = list(world.STYLES)
     t0 = time.time()
     concepts = core.make_concepts(model, ERASE_STYLES, n_ref=64)
@@ -124,14 +146,18 @@ def bench_sepme(profile: str = "ci", settings: sepme.Settings | None = None, pro
     out["gcirs"] = g_rows
     checkpoint(out)
     if prof["name"] == "full":  # Table 6 (the stop threshold tau) and the L1 weight lambda, erasing striped
-        for key, name, values in (("tau_sweep", "tau", (0.002, 0.0, -0.004)), ("lam_sweep", "lam", (0.0, 5e-6))):
+        runs = {}  # settings -> row, so that the default point is trained and evaluated once for both sweeps
+        for key, name, values in (("tau_sweep", "tau", (0.002, 0.0, s.tau, -0.002)), ("lam_sweep", "lam", (s.lam, 5e-6))):
             sweep = []
-            for v in values:
+            for v in dict.fromkeys(values):
                 st = sepme.Settings(**dict(s.as_dict(), **{name: v}))
-                ds = sepme.sepme(model, concepts[:1], "separate", st, progress=progress)
-                acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, ds), steps=steps)
-                sweep.append({name: v, "steps": ds[0].info["steps"], "acc": acc, "l1": ds[0].l1_norm(),
-                              "others": evaluate.others_mean(acc, ERASE_STYLES[:1])})
+                k = tuple(sorted(st.as_dict().items()))
+                if k not in runs:
+                    ds = sepme.sepme(model, concepts[:1], "separate", st, progress=progress)
+                    acc = evaluate.acc_table(model, clf, evals, n, edited_weights(model, ds), steps=steps)
+                    runs[k] = dict(steps=ds[0].info["steps"], acc=acc, l1=ds[0].l1_norm(),
+                                   others=evaluate.others_mean(acc, ERASE_STYLES[:1]))
+                sweep.append({name: v, **runs[k]})
             out[key] = sweep
             checkpoint(out)
     out["seconds"] = round(time.time() - t0, 1)
@@ -167,13 +193,16 @@ def sepme_markdown(out: dict, evals) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["world", "quality", "sepme", "passes", "relatives", "widgets"])
+    ap.add_argument("what", choices=["world", "quality", "sepme", "passes", "relatives", "widgets", "deltas"])
     ap.add_argument("--profile", default=None, help="ci or full (default: $PROFILE, else full)")
     ap.add_argument("--images-per-concept", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", action="store_true", help="also write data/results/<what>_<profile>.json")
+    ap.add_argument("--methods", default=None,
+                    help="relatives only: comma-separated subset of methods; with --save they replace their rows in "
+                         "an existing results file and the other methods' rows are kept")
     args = ap.parse_args(argv)
     prof = config.profile(args.profile)["name"]
     if args.what == "world":
@@ -189,9 +218,22 @@ def main(argv=None):
         res["complete"] = True
     elif args.what == "passes":
         res = bench_passes()
+    elif args.what == "deltas":
+        res = make_bundled_deltas()
     elif args.what == "relatives":
-        from .relatives import relatives_benchmark
-        res = relatives_benchmark(prof)
+        from .relatives import relatives_benchmark, relatives_markdown
+        methods = args.methods.split(",") if args.methods else None
+        res = relatives_benchmark(prof, methods=methods)
+        old_path = RESULTS / f"relatives_{prof}.json"
+        if args.save and methods and old_path.exists():  # merge: the new rows replace theirs, the rest are kept
+            old = json.loads(old_path.read_text())
+            if old.get("images_per_concept") != res["images_per_concept"]:
+                raise SystemExit(f"{old_path} has {old.get('images_per_concept')} images per concept, this run "
+                                 f"{res['images_per_concept']}: rerun all methods instead of merging")
+            merged = dict(old["methods"], **res["methods"])
+            res["methods"] = {m: merged[m] for m in list(old["methods"]) + [m for m in res["methods"] if m not in old["methods"]]}
+            res["total_seconds"] = None  # no longer one run
+            res["markdown"] = relatives_markdown(res)
     else:
         from .widgets import benchmark
         res = benchmark()

@@ -424,5 +424,8 @@ def load_model(name: str = "tiny", device=None, dtype=None) -> T2IModel:
     ``dtype=torch.float16`` halves SD's memory on a GPU (deltas stay float32 and are added in fp32, then
     cast); the default float32 is exact and what the tests use."""
     if name == "tiny":
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"dtype={dtype} is for Stable Diffusion on a GPU; the bundled tiny model runs in float32 "
+                             "(pass dtype=None)")
         return load_tiny(device=device)
     return load_sd(name, device=device, dtype=dtype)

@@ -882,16 +882,18 @@ BENCH_STYLES = ("striped", "checkered", "dotted")
 
 
 def profile_settings(method: str, prof: dict) -> dict:
-    """Settings of ``method`` for a profile (``config.profile(...)``): none in ``full`` (the tuned defaults) and for
-    closed forms. In ``ci``: SepME's and G-CiRs' cap is ``prof["erase_steps"]`` (as in notebooks 02-04); the
-    relatives' fine-tuning runs ``min(10, erase_steps)`` steps (they change nothing visible before ~100 steps on
-    this model anyway, so ci only checks that they run), with ``prof["batch"]`` and, for Ablating, 8 anchor images
-    sampled with ``prof["sample_steps"]`` DDIM steps."""
-    if prof["name"] == "full" or method in CLOSED_FORM:
+    """Settings of ``method`` for a profile (``config.profile(...)``). Closed forms: none. SepME and G-CiRs: the
+    profile's ``erase_steps`` cap and ``batch`` (the tuned defaults in both profiles, as in notebooks 02-04). The
+    fine-tuning relatives: their tuned defaults in ``full``; in ``ci`` only ``prof["finetune_steps"]`` steps (they
+    change nothing visible before ~100 steps on this model, so ci checks that they run and notebook 06 shows the
+    committed full-profile table beside), and, for Ablating, 8 anchor images of ``prof["sample_steps"]`` DDIM steps."""
+    if method in CLOSED_FORM:
         return {}
     if method in ("sepme", "gcirs"):
         return dict(cap=prof["erase_steps"], batch=prof["batch"])
-    out = dict(steps=min(prof["erase_steps"], 10, TINY_DEFAULTS[method]["steps"]), batch=prof["batch"])
+    if prof.get("finetune_steps") is None:
+        return {}
+    out = dict(steps=min(prof["finetune_steps"], TINY_DEFAULTS[method]["steps"]), batch=prof["batch"])
     if method == "ablating":
         out.update(n_anchor=8, anchor_steps=prof["sample_steps"])
     return out
@@ -905,7 +907,7 @@ def relatives_benchmark(profile: str = "ci", methods=None, progress: bool = Fals
     together; evaluate ACC of every style (fixed seeds), the perceptual distance to the original model's images
     (erased concepts and others separately), ``||dtheta||_p`` (``Delta.l1_norm``, summed over a method's deltas),
     seconds per edit, and the red-team ACC of RECE's derived embedding (:func:`redteam_probe`) on the erased
-    concepts. Fine-tuning methods run ``profile["erase_steps"]`` steps in ``ci``, their tuned defaults in ``full``.
+    concepts. Settings per method and profile: :func:`profile_settings`.
     Returns a JSON-able dict: ``methods[m]`` with ``erased_acc``, ``others_acc``, ``seconds``, ``redteam_acc``,
     ``perceptual_erased``, ``perceptual_others``, ``l1`` (means over the rows) and ``rows``; plus ``markdown``.
     """

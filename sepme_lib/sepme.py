@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import core
+from . import config, core
 from .deltas import Delta
 
 PAPER_DEFAULTS = dict(gcirs=dict(lr=1e-6, lam=3e-5), sepme=dict(lr=1e-2, beta=1e-4, lam=3e-5), alpha=0.9, tau=0.0,
@@ -40,7 +40,7 @@ class Settings:
     beta: float = 5e-2        # dW = beta * w @ S^T (Eq. 10)
     lam: float = 0.0          # L1 weight (Eq. 11)
     alpha: float = 0.9        # momentum of the stop monitor (Eq. 4)
-    tau: float = 0.0          # stop threshold (Eq. 4) of decoupled increments (SepME)
+    tau: float = -5e-4        # stop threshold (Eq. 4) of decoupled increments (SepME); README: the tau sweep
     gcirs_tau: float = -8e-3  # stop threshold of increments G-CiRs trains on all attn2 weights (see README)
     cap: int = 300            # step cap
     warmup: int = 10          # minimum steps before the tau test
@@ -180,7 +180,7 @@ def _train(model, concepts, groups, owner, s: Settings, skip_empty: bool, progre
                 g.info["stop_reason"] = g.monitor.reason
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(L=f"{float(loss):.3g}")
+            bar.set_postfix(L=f"{float(loss.detach()):.3g}")
     if bar is not None:
         bar.close()
     seconds = time.time() - t_start
@@ -254,3 +254,27 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
         hist = _train(model, [c], [g], [0], s, skip_empty=True, progress=progress, desc=f"SepME {c.name}")
         deltas.append(_delta(model, g, c.name, method, s, hist, dict(mode=mode, stage=t + 1)))
     return deltas
+
+
+# ------------------------------------------------------------------------------------ bundled increments
+BUNDLED_DIR = config.DATA / "deltas"  # written by `python -m sepme_lib.bench deltas`
+
+
+def bundled_deltas(model, names=("striped", "checkered", "dotted")) -> list[Delta]:
+    """The bundled model's SepME_1 increments of ``names``, trained with the default :class:`Settings` (up to 300
+    steps, stopped by Eq. 4) by ``python -m sepme_lib.bench deltas`` and shipped in ``data/deltas/``.
+
+    Notebook 05 uses them in the ``ci`` profile so that its widgets show a real erasure without minutes of training;
+    notebook 03 trains the same increments live. Refuses another base model (:class:`deltas.BaseModelMismatch`).
+    """
+    out = []
+    for name in names:
+        path = BUNDLED_DIR / f"sepme1_{name}.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"no bundled increment for {name!r} at {path}; bundled: "
+                                    f"{sorted(p.stem for p in BUNDLED_DIR.glob('*.safetensors'))}. "
+                                    "Create them with `python -m sepme_lib.bench deltas`")
+        d = Delta.load(path, device=model.device)
+        d.check_base(model)
+        out.append(d)
+    return out

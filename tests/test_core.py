@@ -180,3 +180,37 @@ def test_sd_architecture_leakage_and_combination(tiny_sd):
     a = tiny_sd.eps(z, t, E, deltas.edited_weights(tiny_sd, ds))
     b = tiny_sd.eps(z, t, E, deltas.edited_weights(tiny_sd, ds[1:]))
     assert (a - b).abs().max() < 1e-4 * b.abs().max()
+
+
+def test_bundled_increments_erase_their_style_and_leave_others(tiny, clf):
+    """data/deltas/ (``python -m sepme_lib.bench deltas``): made for this base model, certified by leakage,
+    and they erase: 8 striped images go from the original's ACC to <= 0.25, blank images keep >= 0.75."""
+    from sepme_lib import evaluate
+
+    ds = sepme.bundled_deltas(tiny)
+    assert [d.name for d in ds] == ["striped", "checkered", "dotted"] and all(d.method == "sepme1" for d in ds)
+    for d in ds:
+        assert max(core.leakage(tiny, d.tensors, d.info["protected"]).values()) < 1e-5
+    w = deltas.edited_weights(tiny, ds[:1])
+    assert evaluate.concept_acc(tiny, clf, "striped", 8, steps=8) >= 0.75
+    assert evaluate.concept_acc(tiny, clf, "striped", 8, w, steps=8) <= 0.25
+    assert evaluate.concept_acc(tiny, clf, "blank", 8, w, steps=8) >= 0.75
+    with pytest.raises(FileNotFoundError, match="bench deltas"):
+        sepme.bundled_deltas(tiny, ["gradient"])
+
+
+def test_set_threads(monkeypatch):
+    from sepme_lib import config
+
+    before = torch.get_num_threads()
+    try:
+        assert config.set_threads(1) == 1 == torch.get_num_threads()
+        monkeypatch.setenv("SEPME_THREADS", "2")
+        assert config.set_threads() == 2
+        monkeypatch.setenv("SEPME_THREADS", "two")
+        with pytest.raises(ValueError, match="SEPME_THREADS must be a whole number"):
+            config.set_threads()
+        with pytest.raises(ValueError, match=">= 1"):
+            config.set_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -109,3 +109,25 @@ def test_training_smoke_and_checkpoint_roundtrip(tmp_path):
     state.unlink()
     train_tiny.main(["--out", str(out), "--state", str(state), "--max-steps", "6", "--batch", "4", "--from-export"])
     assert json.loads((out / "training.json").read_text())["step"] == 6
+
+
+def test_dtype_is_for_sd_only():
+    with pytest.raises(ValueError, match="tiny model runs in float32"):
+        load_model("tiny", dtype=torch.float16)
+
+
+def test_fp16_frozen_sd_trains_fp32_increments(tmp_path):
+    """The GPU path of notebook 04 (frozen SD weights in fp16, increments in fp32), on the CPU."""
+    from conftest import build_tiny_sd
+    from sepme_lib import deltas, sepme
+
+    m = build_tiny_sd(tmp_path)
+    m.unet.half()
+    c = core.Concept("dog", ["a photo of a dog"], torch.randn(4, *m.latent_shape, generator=torch.Generator().manual_seed(0)))
+    d = sepme.sepme(m, [c], "separate", sepme.Settings(cap=3, batch=2, warmup=1), progress=False)[0]
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in d.tensors.values())
+    assert d.l1_norm() > 0
+    w = deltas.edited_weights(m, [d])
+    assert all(v.dtype == torch.float16 for v in w.values())
+    z, t, e = torch.randn(1, *m.latent_shape), torch.tensor([500]), m.embed(["a photo of a dog"])
+    assert not torch.equal(m.eps(z, t, e), m.eps(z, t, e, w))
