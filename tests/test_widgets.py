@@ -184,3 +184,12 @@ def test_benchmark_refresh_reports_numbers_and_restores_the_control(tiny, clf, d
     assert "widget refresh, 2 images x 2 DDIM steps" in capsys.readouterr().out
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         widgets.benchmark_refresh(tiny, clf, ds, repeats=0, widget=w)
+
+
+def test_bench_widgets_runs_on_the_bundled_increments(capsys):
+    pytest.importorskip("ipywidgets")
+    from sepme_lib import bench
+
+    out = bench.bench_widgets(repeats=1)
+    assert len(out["seconds"]) == 1 and out["n"] == 4 and out["steps"] == widgets.WIDGET_STEPS
+    assert "widget refresh, 4 images" in capsys.readouterr().out
