@@ -976,10 +976,18 @@ def relatives_markdown(out: dict) -> str:
                              dist_o=row["perceptual_others"], l1=row["l1"], s=row["seconds"],
                              redteam=row["redteam_acc"], **row["acc"]))
     cols = ["method", "erased"] + evals + ["others", "dist_e", "dist_o", "l1", "s", "redteam"]
-    summ = [dict(method=m, **{k: r[k] for k in ("erased_acc", "others_acc", "perceptual_erased", "perceptual_others",
-                                                 "l1", "seconds", "redteam_acc")}) for m, r in out["methods"].items()]
     return (f"ACC per style after each edit ({out['images_per_concept']} images per style, {out['sample_steps']} "
             f"DDIM steps; dist = {out.get('perceptual_metric')} to the original images; redteam = ACC of images "
             "from RECE's derived embedding)\n\n" + markdown_table(rows, cols) + "\n\nSummary (means over rows)\n\n"
-            + markdown_table(summ, ["method", "erased_acc", "others_acc", "perceptual_erased", "perceptual_others",
-                                    "l1", "seconds", "redteam_acc"]))
+            + relatives_summary(out))
+
+
+SUMMARY_KEYS = ("erased_acc", "others_acc", "perceptual_erased", "perceptual_others", "l1", "seconds", "redteam_acc")
+
+
+def relatives_summary(out: dict) -> str:
+    """One markdown row per method of a :func:`relatives_benchmark` result: its means over the edits (notebooks 06, 07)."""
+    from .evaluate import markdown_table
+
+    rows = [dict(method=m, **{k: r.get(k) for k in SUMMARY_KEYS}) for m, r in out["methods"].items()]
+    return markdown_table(rows, ["method", *SUMMARY_KEYS])

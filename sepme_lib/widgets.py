@@ -25,7 +25,8 @@ Refresh time (measured with :func:`benchmark_refresh`, 4 images, on a shared 2-c
 load average at 5-6): ``WIDGET_STEPS = 8`` DDIM steps -> 1.4-1.5 s per refresh with one torch thread (sampling is
 ~85% of it; leakage, classifier and PNGs ~0.2 s); 10 steps -> 2.1 s; at 20 steps sampling alone took 2.3-2.4 s.
 With two torch threads on that overloaded machine a refresh took 16-35 s (thread oversubscription): on a shared
-CPU use ``torch.set_num_threads(1)``. The classifier's ACC of the bundled model's concepts is 1.00 at 6, 8, 10 and
+CPU set ``SEPME_THREADS=1`` (``config.set_threads``); ``python -m sepme_lib.bench widgets`` with the bundled increments
+then measured 0.55-0.73 s per refresh (one thread, the other core busy), 1.4-2.5 s with two threads. The classifier's ACC of the bundled model's concepts is 1.00 at 6, 8, 10 and
 20 steps, so 8 steps lose nothing visible. Pass ``steps=`` to trade speed for quality; on a GPU any step count is
 interactive.
 """
