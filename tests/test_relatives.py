@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sepme_lib import core, relatives as R
+from sepme_lib import core, relatives as R, sepme as sp
 from sepme_lib.deltas import Delta
 
 ERASE = "a painting by van gogh"
@@ -179,12 +179,25 @@ def test_fmn_lowers_attention_mass(tiny_sd, concept):
 
 
 def test_sepme_and_gcirs_in_registry(tiny_sd, concept):
-    ds = R.erase("sepme", tiny_sd, [concept], cap=2, warmup=1, batch=2, min_null_dim=1)
+    ds = R.erase("sepme", tiny_sd, [concept], anchor=ANCHOR, cap=2, warmup=1, batch=2, min_null_dim=1)
     assert len(ds) == 1 and ds[0].base == tiny_sd.fingerprint()
+    assert ds[0].info["protected"] == ["", *[ANCHOR] * len(concept.prompts)]  # c_0 and one anchor per prompt
     g = R.erase("gcirs", tiny_sd, [concept], cap=2, warmup=1, batch=2, gcirs_lr=1e-2)
     assert len(g) == 1 and g[0].method == "gcirs"
     assert _erased_and_preserved(tiny_sd, g)[0] > 1e-4
     assert set(R.METHODS) == {"sepme", "gcirs", "esd", "ablating", "fmn", "uce", "rece", "mace", "all_but_one"}
+
+
+def test_sepme_alone_protects_its_anchors_and_trains_longer(tiny_sd, concept):
+    quick = dict(cap=2, batch=2, min_null_dim=1)
+    d = R.erase("sepme", tiny_sd, [concept], anchor=ANCHOR, **quick)[0]
+    assert d.hparams["warmup"] == R.SINGLE_WARMUP
+    plain = R.erase("sepme", tiny_sd, [concept], anchor=False, **quick)[0]  # the paper's A_i = {c_0}
+    assert plain.info["protected"] == [""] and plain.hparams["warmup"] == sp.Settings().warmup
+    with pytest.raises(R.RelativesError, match="needs an anchor"):
+        R.erase("sepme", tiny_sd, [concept], **quick)
+    two = R.erase("sepme", tiny_sd, [concept, core.Concept("monet", ["a painting by monet"], concept.latents)], **quick)
+    assert ANCHOR not in two[0].info["protected"] and two[0].hparams["warmup"] == sp.Settings().warmup
 
 
 def test_bad_input_is_named(tiny_sd, concept):
