@@ -23,7 +23,8 @@ PROFILES = {
     # Sizes for notebooks and benchmarks. "ci" shrinks evaluation (images per concept, DDIM steps, grids), never the
     # point of a cell: SepME and G-CiRs train as in "full" (cap 300 steps, stopped by Eq. 4's monitor, batch 4; with
     # batch 2 the monitor stops them before they erase -- measured: striped ACC 0.83, checkered 0.67). Only the
-    # relatives' fine-tuning runs are cut to `finetune_steps` in ci (notebook 06 says so and shows the full table).
+    # comparison runs of notebook 06 (the fine-tuning relatives, SepME and G-CiRs there) are cut to `finetune_steps` in ci
+    # (notebook 06 says so and shows the full table).
     # `table_images`: images per style in the live combination tables of notebooks 03-04 (8 subsets x 6 styles, plus the
     # original: 54 x n images). At 50 those two cells alone took 30 min of `make course` on 2 cores; 20 keeps the course
     # within its hour, and notebook 07 shows the committed 50-image tables of `python -m sepme_lib.bench sepme`.

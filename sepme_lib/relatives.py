@@ -901,15 +901,17 @@ BENCH_STYLES = ("striped", "checkered", "dotted")
 
 
 def profile_settings(method: str, prof: dict) -> dict:
-    """Settings of ``method`` for a profile (``config.profile(...)``). Closed forms: none. SepME and G-CiRs: the
-    profile's ``erase_steps`` cap and ``batch`` (the tuned defaults in both profiles, as in notebooks 02-04). The
-    fine-tuning relatives: their tuned defaults in ``full``; in ``ci`` only ``prof["finetune_steps"]`` steps (they
-    change nothing visible before ~100 steps on this model, so ci checks that they run and notebook 06 shows the
-    committed full-profile table beside), and, for Ablating, 8 anchor images of ``prof["sample_steps"]`` DDIM steps."""
+    """Settings of ``method`` for a profile (``config.profile(...)``) in the comparisons of notebook 06 and
+    :func:`relatives_benchmark`. Closed forms: none. Every trained method runs its tuned defaults in ``full`` (SepME and
+    G-CiRs: the profile's ``erase_steps`` cap and ``batch``); in ``ci`` only ``prof["finetune_steps"]`` steps, SepME and
+    G-CiRs included (notebooks 02-04 train those fully in ci; the fine-tuning relatives change nothing visible before
+    ~100 steps on this model), so ci checks that every method runs and notebook 06 shows the committed full-profile
+    table beside; for Ablating, 8 anchor images of ``prof["sample_steps"]`` DDIM steps."""
     if method in CLOSED_FORM:
         return {}
     if method in ("sepme", "gcirs"):
-        return dict(cap=prof["erase_steps"], batch=prof["batch"])
+        cap = prof["erase_steps"] if prof.get("finetune_steps") is None else prof["finetune_steps"]
+        return dict(cap=cap, batch=prof["batch"])
     if prof.get("finetune_steps") is None:
         return {}
     out = dict(steps=min(prof["finetune_steps"], TINY_DEFAULTS[method]["steps"]), batch=prof["batch"])

@@ -247,3 +247,17 @@ def test_world_helpers():
     assert keep and not any("striped" in p for p in keep)
     general = R.world_prompt_set(["striped", "star"], n=32)
     assert len(general) == 32 and not any("striped" in p or "star" in p.split() for p in general)
+
+
+def test_profile_settings_cut_every_trained_method_in_ci_only():
+    from sepme_lib import config
+
+    ci, full = config.profile("ci"), config.profile("full")
+    for m in R.METHODS:
+        if m in R.CLOSED_FORM:
+            assert R.profile_settings(m, ci) == R.profile_settings(m, full) == {}
+            continue
+        key = "cap" if m in ("sepme", "gcirs") else "steps"
+        assert R.profile_settings(m, ci)[key] == ci["finetune_steps"], m
+        assert R.profile_settings(m, full).get(key, R.TINY_DEFAULTS.get(m, {}).get("steps")) != ci["finetune_steps"], m
+    assert R.profile_settings("sepme", full) == dict(cap=full["erase_steps"], batch=full["batch"])
