@@ -261,3 +261,15 @@ def test_profile_settings_cut_every_trained_method_in_ci_only():
         assert R.profile_settings(m, ci)[key] == ci["finetune_steps"], m
         assert R.profile_settings(m, full).get(key, R.TINY_DEFAULTS.get(m, {}).get("steps")) != ci["finetune_steps"], m
     assert R.profile_settings("sepme", full) == dict(cap=full["erase_steps"], batch=full["batch"])
+
+
+def test_relatives_benchmark_on_the_bundled_world():
+    """The comparison of notebooks 06-07 end to end on the bundled model (ci sizes, the fastest method)."""
+    out = R.relatives_benchmark("ci", methods=["uce"])
+    r = out["methods"]["uce"]
+    assert [row["erased"] for row in r["rows"]] == ["striped", "striped+checkered+dotted"]
+    assert out["original"]["striped"] >= 0.5 and r["rows"][0]["acc"]["striped"] < out["original"]["striped"]
+    assert 0 <= r["others_acc"] <= 1 and r["seconds"] >= 0 and out["perceptual_metric"] in ("1-SSIM", "LPIPS-alex", "LPIPS-alex@64")
+    assert "| uce |" in out["markdown"] and "| uce |" in R.relatives_summary(out)
+    with pytest.raises(R.RelativesError, match="unknown methods"):
+        R.relatives_benchmark("ci", methods=["uce", "esd-u"])
