@@ -939,12 +939,12 @@ def relatives_benchmark(profile: str = "ci", methods=None, progress: bool = Fals
 
     prof = config.profile(profile)
     n, steps = prof["images_per_concept"], prof["sample_steps"]
-    model = load_model("tiny")
-    clf = load_classifier(device=model.device)
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
-    if unknown:
+    if unknown:  # before loading anything
         raise RelativesError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    model = load_model("tiny")
+    clf = load_classifier(device=model.device)
     evals = list(world.STYLES)
     t_start = time.time()
     cons = {c.name: c for c in core.make_concepts(model, BENCH_STYLES, n_ref=64)}

@@ -26,9 +26,9 @@ load average at 5-6): ``WIDGET_STEPS = 8`` DDIM steps -> 1.4-1.5 s per refresh w
 ~85% of it; leakage, classifier and PNGs ~0.2 s); 10 steps -> 2.1 s; at 20 steps sampling alone took 2.3-2.4 s.
 With two torch threads on that overloaded machine a refresh took 16-35 s (thread oversubscription): on a shared
 CPU set ``SEPME_THREADS=1`` (``config.set_threads``); ``python -m sepme_lib.bench widgets`` with the bundled increments
-then measured 0.55-0.73 s per refresh (one thread, the other core busy), 1.4-2.5 s with two threads. The classifier's ACC of the bundled model's concepts is 1.00 at 6, 8, 10 and
-20 steps, so 8 steps lose nothing visible. Pass ``steps=`` to trade speed for quality; on a GPU any step count is
-interactive.
+then measured 0.55-0.73 s per refresh (one thread, the other core busy), 1.4-2.5 s with two threads. The classifier's
+ACC of the bundled model's concepts is 1.00 at 6, 8, 10 and 20 steps, so 8 steps lose nothing visible. Pass
+``steps=`` to trade speed for quality; on a GPU any step count is interactive.
 """
 from __future__ import annotations
 
