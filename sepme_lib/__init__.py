@@ -1,6 +1,31 @@
 """sepme_lib: Separable Multi-Concept Erasure (SepME) and its relatives, for the sepme-course notebooks.
 
-Layers (each imports only those before it): ``config``, ``world``, ``model``, ``classifier`` ->
-``core``, ``deltas`` -> ``sepme``, ``relatives`` -> ``evaluate``, ``perceptual``, ``widgets``, ``bench``.
+The public API (stable; used by the notebooks, the README, the benchmarks and the command line)::
+
+    import sepme_lib as sm
+    model = sm.load_model("tiny")                      # or an SD 1.x hub id / local folder
+    judge = sm.load_classifier(model=model)
+    deltas = sm.erase(model, ["striped", "dotted"], method="sepme", mode="separate")
+    with sm.applied(model, deltas, scales=[1, 0]):     # theta + 1 * dTheta_striped
+        images = sm.generate(model, ["a red star in striped style"], seeds=[0])
+    sm.leakage(model, deltas[0], [""] + deltas[1].info["prompts"])   # ~1e-6: dotted's keys/values untouched
+    sm.acc_table(model, judge, ["striped", "dotted"], n=8, deltas=deltas)
+
+Modules, in one-way layers (each imports only modules above it in this list; ``tests/test_layers.py`` checks it):
+``config`` | ``world``, ``paper``, ``report``, ``plots``, ``perceptual`` | ``model`` | ``concepts``, ``deltas`` |
+``classifier``, ``gcirs`` | ``nullspace`` | ``sepme`` | ``closed_form``, ``finetune`` | ``methods`` | ``evaluate`` |
+``widgets`` | ``bench``, ``course``, ``train_tiny``, ``train_classifier``. The design document is ``docs/DESIGN.md``.
 """
-__version__ = "0.1.0"
+from .classifier import load_classifier
+from .concepts import Concept, concept_set, make_concepts
+from .config import VERSION as __version__
+from .config import get_device
+from .deltas import Delta, applied, combine
+from .evaluate import acc_table, generate
+from .methods import METHODS, erase
+from .model import load_model
+from .nullspace import leakage, null_space
+
+__all__ = ["load_model", "load_classifier", "erase", "METHODS", "Delta", "combine", "applied", "leakage",
+           "null_space", "generate", "acc_table", "Concept", "make_concepts", "concept_set", "get_device",
+           "__version__"]

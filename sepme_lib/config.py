@@ -1,38 +1,67 @@
-"""Settings in one place: paths, profiles, the device helper, and the tuned defaults of every method.
+"""Layer 0 -- settings in one place: paths, profiles, the device helper, threads, the library version.
 
-Notebooks read ``PROFILE`` from the environment (``ci`` = tiny and fast, ``full`` = paper-sized) and get
-every size from :func:`profile`. Nothing else in the library hard-codes a device or a size.
+Notebooks read ``PROFILE`` from the environment (``ci`` = tiny and fast, ``full`` = paper-sized) and get every
+size from :func:`profile`. Nothing else in the library hard-codes a device or a size. The hyper-parameters of
+the methods (paper values for Stable Diffusion, tuned values for the bundled model) are in one table,
+``methods.DEFAULTS``.
+
+Environment variables read here: ``PROFILE``, ``MODEL``, ``SEPME_DEVICE``, ``SEPME_THREADS`` (applied as soon as
+the library is imported), ``SEPME_DATA`` (another ``data/`` folder).
 """
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 import torch
 
+VERSION = "0.2.0"
+
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "data"
+
+
+def _find_data() -> Path:
+    """``data/`` next to the package (a clone or an editable install), or ``$SEPME_DATA``, or the copy that a
+    regular ``pip install`` puts inside the package (``sepme_lib/data``)."""
+    if os.environ.get("SEPME_DATA"):
+        return Path(os.environ["SEPME_DATA"]).expanduser().resolve()
+    for candidate in (ROOT / "data", Path(__file__).resolve().parent / "data"):
+        if (candidate / "tiny_t2i").is_dir():
+            return candidate
+    return ROOT / "data"
+
+
+DATA = _find_data()
 TINY_DIR = DATA / "tiny_t2i"
 CLASSIFIER_PATH = DATA / "classifier" / "classifier.safetensors"
+RESULTS = DATA / "results"
+BUNDLED_DELTAS = DATA / "deltas"
 
-# Guidance for the bundled model: a tiny model over-guides easily (measured in 00_setup_and_tour).
+# Sampling defaults of the bundled model: a tiny model over-guides easily (measured in notebook 00).
 TINY_GUIDANCE = 2.0
 TINY_SAMPLE_STEPS = 20
 
 PROFILES = {
-    # Sizes for notebooks and benchmarks. "ci" shrinks evaluation (images per concept, DDIM steps, grids), never the
-    # point of a cell: SepME and G-CiRs train as in "full" (cap 300 steps, stopped by Eq. 4's monitor, batch 4; with
-    # batch 2 the monitor stops them before they erase -- measured: striped ACC 0.83, checkered 0.67). Only the
-    # comparison runs of notebook 06 (the fine-tuning relatives, SepME and G-CiRs there) are cut to `finetune_steps` in ci
-    # (notebook 06 says so and shows the full table).
-    # `table_images`: images per style in the live combination tables of notebooks 03-04 (8 subsets x 6 styles, plus the
-    # original: 54 x n images). At 50 those two cells alone took 30 min of `make course` on 2 cores; 20 keeps the course
-    # within its hour, and notebook 07 shows the committed 50-image tables of `python -m sepme_lib.bench sepme`.
-    "ci": dict(images_per_concept=6, table_images=6, erase_steps=300, batch=4, finetune_steps=10, sample_steps=8,
-               grid=4),
-    "full": dict(images_per_concept=50, table_images=20, erase_steps=300, batch=4, finetune_steps=None,
-                 sample_steps=TINY_SAMPLE_STEPS, grid=8),
+    # Sizes for notebooks and benchmarks. "ci" shrinks evaluation (images per concept, DDIM steps, grids), never
+    # the point of a cell: SepME and G-CiRs train as in "full" in notebooks 02-04 (cap and batch from the method
+    # defaults). Only the comparison runs of notebook 06 are cut to `finetune_steps` in ci (it shows the full table).
+    # `table_images`: images per style in the live combination tables of notebooks 03-04 (8 subsets x 6 styles).
+    "ci": dict(images_per_concept=6, table_images=6, finetune_steps=10, sample_steps=8, grid=4, n_ref=32),
+    "full": dict(images_per_concept=50, table_images=20, finetune_steps=None, sample_steps=TINY_SAMPLE_STEPS,
+                 grid=8, n_ref=64),
 }
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: a whole number >= 1 (a clear error for 0, negatives and non-numbers)."""
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {n}")
+    return n
 
 
 def profile(name: str | None = None) -> dict:
@@ -43,36 +72,52 @@ def profile(name: str | None = None) -> dict:
     return dict(PROFILES[name], name=name)
 
 
-def set_threads(n: int | None = None) -> int:
-    """Set torch's CPU threads to ``n`` (else ``$SEPME_THREADS``; else leave torch's default) and return the count.
+def model_name(default: str = "tiny") -> str:
+    """``$MODEL`` (``tiny``, a Stable Diffusion hub id or a local folder), else ``default``."""
+    return os.environ.get("MODEL", "").strip() or default
 
-    The bundled model is small, so extra threads buy little, and on a CPU shared with other jobs (a benchmark, a
-    second notebook, CI) they oversubscribe the cores: a widget refresh measured 1.0-1.5 s with one thread and
-    16-35 s with two on an overloaded 2-core machine (``sepme_lib/widgets.py``). One thread per process is the
-    safe choice there; an idle laptop can keep the default.
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's CPU threads to ``n`` (else ``$SEPME_THREADS``; else leave torch's default); return the count.
+
+    Called once when the library is imported, so ``SEPME_THREADS=1`` works wherever ``sepme_lib`` is used. On a CPU
+    shared with other jobs extra threads oversubscribe the cores (README, "Troubleshooting").
     """
-    if n is None and os.environ.get("SEPME_THREADS"):
+    if n is None:
+        raw = os.environ.get("SEPME_THREADS", "").strip()
+        if not raw:
+            return torch.get_num_threads()
         try:
-            n = int(os.environ["SEPME_THREADS"])
+            n = int(raw)
         except ValueError:
-            raise ValueError(f"SEPME_THREADS must be a whole number of threads, got {os.environ['SEPME_THREADS']!r}") from None
-    if n is not None:
-        if n < 1:
-            raise ValueError(f"the number of threads must be >= 1, got {n}")
-        torch.set_num_threads(n)
+            raise ValueError(f"SEPME_THREADS must be a whole number of threads, got {raw!r}") from None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of threads must be a whole number >= 1, got {n!r}")
+    torch.set_num_threads(n)
     return torch.get_num_threads()
 
 
 def get_device(prefer: str | None = None) -> torch.device:
-    """The one place that picks a device: ``$SEPME_DEVICE`` or ``prefer`` if given, else CUDA, MPS, CPU."""
-    want = prefer or os.environ.get("SEPME_DEVICE")
+    """The one place that picks a device: ``prefer`` or ``$SEPME_DEVICE`` if given, else CUDA, else CPU.
+
+    Apple's MPS is used only when asked for (``SEPME_DEVICE=mps``): the SVDs and float64 solves of the library run
+    on the CPU anyway, and MPS lacks float64."""
+    want = prefer or os.environ.get("SEPME_DEVICE", "").strip()
     if want:
-        dev = torch.device(want)
+        try:
+            dev = torch.device(want)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"unknown device {want!r} ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {want!r} was asked for but CUDA is not available; use 'cpu'")
+            raise RuntimeError(f"device {want!r} was asked for but CUDA is not available here; use 'cpu'")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {want!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise RuntimeError(f"device {want!r} was asked for but MPS is not available here; use 'cpu'")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {want!r} cannot run the models (it holds no data); use 'cpu' or 'cuda'")
         return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+set_threads()  # honour SEPME_THREADS on import

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import html
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from . import config
+from .report import md_table_to_html
 
 
 def run(notebooks_dir: Path, out_dir: Path, pattern: str = "[0-9][0-9]_*.ipynb", timeout: int = 3600) -> list[dict]:
@@ -36,8 +38,8 @@ def run(notebooks_dir: Path, out_dir: Path, pattern: str = "[0-9][0-9]_*.ipynb",
         try:
             ep.preprocess(nb, {"metadata": {"path": str(p.parent)}})
         except Exception as e:  # noqa: BLE001 - recorded in the report, the run goes on
-            error = f"{type(e).__name__}: {str(e)[-800:]}"
-            print(f"  FAILED: {error[:300]}", flush=True)
+            error = error_text(e)
+            print(f"  FAILED in {p.name}:\n{error}", flush=True)
         dt = time.time() - t0
         nbformat.write(nb, out_dir / p.name)
         body, _ = HTMLExporter().from_notebook_node(nb)
@@ -54,34 +56,29 @@ def tables_of(nb) -> list[str]:
         for o in cell.get("outputs", []):
             data = o.get("data", {})
             if "text/markdown" in data and "|---" in data["text/markdown"]:
-                out.append(_md_table_to_html(data["text/markdown"]))
+                out.append(md_table_to_html(data["text/markdown"]))
             elif "text/html" in data and "<table" in data["text/html"]:
                 out.append(data["text/html"])
     return out
 
 
-def _md_table_to_html(md: str) -> str:
-    rows, pre = [], []
-    for line in md.strip().splitlines():
-        if line.startswith("|") and not set(line) <= set("|-: "):
-            rows.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
-        elif not line.startswith("|"):
-            pre.append(html.escape(line))
-    if not rows:
-        return ""
-    head = "".join(f"<th>{c}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[1:])
-    return (f"<p>{'<br>'.join(pre)}</p>" if pre else "") + f"<table><tr>{head}</tr>{body}</table>"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def error_text(e: BaseException, limit: int = 3000) -> str:
+    """A notebook's error as plain text (nbconvert's message carries terminal colour codes): the failing cell's
+    traceback tail, so the console and the report say what went wrong."""
+    return ANSI.sub("", f"{type(e).__name__}: {e}")[-limit:]
 
 
 def write_report(results, out_dir: Path) -> Path:
     prof = os.environ.get("PROFILE", "full")
-    parts = [f"<html><head><meta charset='utf-8'><title>sepme-course report</title><style>"
+    parts = ["<html><head><meta charset='utf-8'><title>sepme-course report</title><style>"
              "body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse;margin:8px 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style></head><body>",
              f"<h1>sepme-course: executed course (PROFILE={prof})</h1><ul>"]
     for r in results:
-        status = "ok" if not r["error"] else f"FAILED: {html.escape(r['error'][:300])}"
+        status = "ok" if not r["error"] else f"<b>FAILED</b><pre>{html.escape(r['error'])}</pre>"
         parts.append(f"<li><a href='{r['name']}.html'>{r['name']}</a> ({r['seconds']} s) {status}</li>")
     parts.append(f"</ul><p>Total: {sum(r['seconds'] for r in results):.0f} s</p>")
     for r in results:

@@ -1,41 +1,67 @@
-"""Layer 4: evaluation as in the paper's tables -- classifier ACC per concept, "others", combinations,
-restoration drift and weight change (perceptual distance: ``perceptual.py``).
+"""Layer 9 -- evaluation as in the paper's tables: images of a (possibly edited) model, classifier ACC per concept,
+"others", every combination of increments, restoration drift, how much an edit moves predictions, and the red-team
+probe.
 
 Introduced in ``notebooks/03_weight_decoupling_nullspace.ipynb`` and used by every later notebook and by
-``python -m sepme_lib.bench``. Evaluation prompts for a concept cycle the other attributes of the world
-("a red circle in striped style", "a blue square in striped style", ...), with fixed seeds, so that the
-same images are compared across edits.
+``python -m sepme_lib.bench``. Evaluation prompts come from the model's concept set (world: the concept with the
+other attributes cycling, "a red circle in striped style", ...; SD: the artist's name, as the paper) with fixed
+seeds, so that the same images are compared across edits (the paper: 50 seeds per concept).
 """
 from __future__ import annotations
 
 import itertools
 
+import torch
+from tqdm.auto import tqdm
 
-from . import world
-from .classifier import accuracy as clf_accuracy
-from .deltas import edited_weights
-
-
-def eval_prompts(concept: str, n: int, seed: int = 0) -> list[str]:
-    """``n`` prompts showing ``concept`` (style prompts name a style; shape prompts use plain style)."""
-    return [s.caption() for s in world.eval_specs(concept, n, seed=seed)]
+from .classifier import accuracy
+from .closed_form import derive_embedding, kv_weights
+from .concepts import concept_set
+from .deltas import combine, edited_weights
 
 
-def generate(model, concept: str, n: int, weights=None, seed: int = 0, steps=None, guidance=None):
-    """Images ``(n,3,32,32)`` in [0, 1] of ``concept``'s evaluation prompts, seeds ``seed..seed+n-1``."""
-    return model.sample(eval_prompts(concept, n, seed), seeds=range(seed, seed + n), steps=steps,
-                        guidance=guidance, weights=weights)
+def eval_prompts(model, concept: str, n: int, seed: int = 0) -> list[str]:
+    """``n`` evaluation prompts of ``concept`` (:meth:`ConceptSet.eval_prompts`)."""
+    return concept_set(model).eval_prompts(concept, n, seed)
 
 
-def concept_acc(model, clf, concept: str, n: int, weights=None, seed: int = 0, steps=None, guidance=None) -> float:
-    """The paper's ACC: fraction of images generated for ``concept`` that the classifier calls ``concept``."""
-    imgs = generate(model, concept, n, weights, seed, steps, guidance)
-    return clf_accuracy(clf, imgs, world.concept_kind(concept), concept)
+def _weights(model, deltas, scales, weights):
+    if weights is not None and deltas:
+        raise ValueError("give deltas (and scales) or weights, not both")
+    if deltas:
+        return edited_weights(model, list(deltas), scales)
+    return weights
 
 
-def acc_table(model, clf, concepts, n: int, weights=None, seed: int = 0, steps=None, guidance=None) -> dict:
-    """``{concept: ACC}`` for one (possibly edited) model."""
-    return {c: concept_acc(model, clf, c, n, weights, seed, steps, guidance) for c in concepts}
+def generate(model, prompts, seeds=None, deltas=None, scales=None, steps=None, guidance=None, weights=None,
+             progress: bool = False) -> torch.Tensor:
+    """Images in [0, 1] ``(N, 3, H, W)`` of ``theta + sum_i s_i dTheta_i`` (``deltas``, ``scales``; none: the original
+    model) for ``prompts`` with one seed each (default ``0..N-1``; the same seed gives the same start noise)."""
+    return model.sample(prompts, seeds=seeds, steps=steps, guidance=guidance, weights=_weights(model, deltas, scales,
+                                                                                               weights),
+                        progress=progress)
+
+
+def _positive(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of images per concept must be a whole number >= 1, got {n!r}")
+    return n
+
+
+def acc_table(model, judge, concepts, n: int, deltas=None, scales=None, weights=None, seed: int = 0, steps=None,
+              guidance=None) -> dict:
+    """``{concept: ACC}``: for each concept, the share of its ``n`` evaluation images (seeds ``seed..seed+n-1``) that
+    the judge assigns to it, under ``theta + sum_i s_i dTheta_i`` (the paper's ACC). All concepts are sampled in one
+    call, so the batch is as large as the device allows."""
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    if not concepts:
+        raise ValueError("acc_table needs at least one concept")
+    n = _positive(n)
+    cs = concept_set(model)
+    prompts = [p for c in concepts for p in cs.eval_prompts(c, n, seed)]
+    seeds = [k for _ in concepts for k in range(seed, seed + n)]
+    imgs = generate(model, prompts, seeds, deltas, scales, steps, guidance, weights)
+    return {c: accuracy(judge, imgs[i * n:(i + 1) * n], cs.kind(c), c) for i, c in enumerate(concepts)}
 
 
 def subsets(items):
@@ -44,30 +70,27 @@ def subsets(items):
     return [list(c) for k in range(1, len(items) + 1) for c in itertools.combinations(items, k)]
 
 
-def combination_table(model, clf, deltas, concepts, n: int, seed: int = 0, steps=None, guidance=None,
-                      original: dict | None = None, progress=True) -> dict:
+def combination_table(model, judge, deltas, concepts, n: int, seed: int = 0, steps=None, guidance=None,
+                      original: dict | None = None, progress: bool = True) -> dict:
     """Evaluate ``theta + sum_{i in S} dTheta_i`` for every non-empty subset S of ``deltas`` on ``concepts``.
 
-    Returns ``dict(original={concept: acc}, rows=[{subset, acc: {concept: acc}}, ...], summary)`` where the
-    summary holds ``erased_acc_max`` (worst ACC of an erased concept), ``others_ratio_min`` (worst ACC of
-    a non-erased concept over its original ACC) and ``restoration_drift_max`` (largest |ACC - original|
-    of a concept whose delta is in ``deltas`` but left out of the subset).
-    """
+    Returns ``dict(original={concept: acc}, rows=[{subset, acc: {concept: acc}}, ...], summary)`` where the summary
+    holds ``erased_acc_max`` (worst ACC of an erased concept), ``others_ratio_min`` (worst ACC of a non-erased concept
+    over its original ACC) and ``restoration_drift_max`` (largest |ACC - original| of a concept whose delta is in
+    ``deltas`` but left out of the subset)."""
     by_name = {d.name: d for d in deltas}
     if original is None:
-        original = acc_table(model, clf, concepts, n, None, seed, steps, guidance)
+        original = acc_table(model, judge, concepts, n, seed=seed, steps=steps, guidance=guidance)
     rows = []
     subs = subsets(by_name)
-    if progress:
-        from tqdm.auto import tqdm
-        subs = tqdm(subs, desc="combinations", leave=False)
-    for sub in subs:
-        w = edited_weights(model, [by_name[k] for k in sub])
-        rows.append(dict(subset=sub, acc=acc_table(model, clf, concepts, n, w, seed, steps, guidance)))
+    for sub in (tqdm(subs, desc="combinations", leave=False) if progress else subs):
+        acc = acc_table(model, judge, concepts, n, [by_name[k] for k in sub], seed=seed, steps=steps, guidance=guidance)
+        rows.append(dict(subset=sub, acc=acc))
     return dict(original=original, rows=rows, summary=summarise(rows, original, list(by_name)))
 
 
 def summarise(rows, original, delta_names) -> dict:
+    """``erased_acc_max``, ``others_ratio_min`` and ``restoration_drift_max`` of combination rows."""
     erased, ratios, drift = [], [], []
     for row in rows:
         for c, a in row["acc"].items():
@@ -82,21 +105,61 @@ def summarise(rows, original, delta_names) -> dict:
 
 
 def others_mean(acc: dict, erased) -> float:
-    """Mean ACC over the concepts not in ``erased`` (the paper's "others" column)."""
+    """Mean ACC over the concepts not in ``erased`` (the paper's "Others" column)."""
     vals = [a for c, a in acc.items() if c not in set(erased)]
     return sum(vals) / max(1, len(vals))
 
 
-def markdown_table(rows, columns, header=None) -> str:
-    """A small markdown table from a list of dicts (values formatted to 2-3 significant digits)."""
-    header = header or columns
+@torch.no_grad()
+def prediction_change(model, deltas, prompts, n: int = 4, seed: int = 0) -> dict:
+    """``||eps_{theta+dtheta}(x_t,c) - eps_theta(x_t,c)|| / ||eps_theta(x_t,c) - eps_theta(x_t,c0)||`` per prompt on
+    fixed noisy inputs: how much an edit moves a prompt's noise prediction, relative to that prompt's own concept
+    representation ``r_theta(c)``. 0 = untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(n, *model.latent_shape, generator=gen).to(model.device)
+    t = torch.randint(0, model.num_train_timesteps, (n,), generator=gen).to(model.device)
+    x = model.add_noise(z0, torch.randn(z0.shape, generator=gen).to(model.device), t)
+    w = edited_weights(model, list(deltas))
+    e0 = model.eps(x, t, model.empty().expand(n, -1, -1))
+    out = {}
+    for p in prompts:
+        c = model.embed([p]).expand(n, -1, -1)
+        before, after = model.eps(x, t, c), model.eps(x, t, c, w)
+        out[p] = float((after - before).norm() / (before - e0).norm().clamp_min(1e-12))
+    return out
 
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.2f}"
-        return str(v)
 
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        out.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
-    return "\n".join(out)
+# --------------------------------------------------------------------------------------------- red team
+def redteam_embeddings(model, deltas, prompts, reg: float = 1e-3) -> torch.Tensor:
+    """RECE Eq. (8) as an attack: for each prompt, the embedding ``c'`` whose keys/values under the edited model
+    ``theta + sum dTheta`` best match what the prompt gives the original model (only to_k/to_v changes matter)."""
+    deltas = list(deltas)
+    for d in deltas:
+        d.check_base(model)
+    W0 = kv_weights(model)
+    total = combine(deltas)
+    Wn = {k: W0[k] + total[k].to(W0[k].device, W0[k].dtype) for k in W0 if k in total}
+    return derive_embedding(Wn, W0, model.embed(prompts), reg)
+
+
+def redteam_probe(model, judge, deltas, concept: str, n: int = 16, reg: float = 1e-3, steps=None, guidance=None,
+                  seed: int = 0, return_images: bool = False, with_prompt: bool = True) -> dict:
+    """Red-team ACC (notebook 06): derive RECE's closed-form embedding of each evaluation prompt of ``concept`` for
+    the edited model (:func:`redteam_embeddings`), sample the edited model from it with the evaluation seeds, and
+    report the judge's ACC (``acc``) beside the edited model's ACC on the plain prompts (``acc_prompt``; skipped with
+    ``with_prompt=False``). A robust erasure keeps both low."""
+    deltas = list(deltas)
+    cs = concept_set(model)
+    prompts = cs.eval_prompts(concept, _positive(n), seed)
+    w = edited_weights(model, deltas) if deltas else None
+    emb = redteam_embeddings(model, deltas, prompts, reg) if deltas else model.embed(prompts)
+    seeds = range(seed, seed + n)
+    imgs = model.sample(None, seeds=seeds, steps=steps, guidance=guidance, weights=w, embeddings=emb)
+    out = dict(concept=concept, acc=accuracy(judge, imgs, cs.kind(concept), concept), n=n, reg=reg)
+    plain = None
+    if with_prompt:
+        plain = model.sample(prompts, seeds=seeds, steps=steps, guidance=guidance, weights=w)
+        out["acc_prompt"] = accuracy(judge, plain, cs.kind(concept), concept)
+    if return_images:
+        out.update(images=imgs, images_prompt=plain)
+    return out

@@ -1,33 +1,39 @@
-"""Layer 1: the ``T2IModel`` adapter around diffusers / transformers parts, and ``load_model``.
+"""Layer 2 -- the ``T2IModel`` adapter around diffusers / transformers parts, and ``load_model``.
 
 Introduced in ``notebooks/00_setup_and_tour.ipynb`` and ``notebooks/01_diffusion_basics.ipynb``.
 
-One adapter serves two kinds of model:
+One adapter serves two kinds of model (``model.family``):
 
-* the bundled tiny model (``load_model("tiny")``): a diffusers ``UNet2DConditionModel`` on 4x4-patchified
-  pixels (a 32x32x3 image is an 8x8x48 "latent", ``pixel_unshuffle``), a small transformers
-  ``CLIPTextModel`` and a ``CLIPTokenizer`` with the world's vocabulary, a v-prediction DDIM scheduler;
-* a Stable Diffusion 1.x pipeline (``load_model(hub_id_or_path)``), whose latents come from the VAE times
-  its scaling factor.
+* ``"tiny"``: the bundled model (``load_model("tiny")``): a diffusers ``UNet2DConditionModel`` on 4x4-patchified
+  pixels (a 32x32x3 image is an 8x8x48 "latent", ``pixel_unshuffle``), a small transformers ``CLIPTextModel``
+  and a ``CLIPTokenizer`` with the world's vocabulary, a v-prediction DDIM scheduler (built and trained by
+  ``train_tiny``);
+* ``"sd"``: a Stable Diffusion 1.x pipeline (``load_model(hub_id_or_path)``), whose latents come from the VAE
+  times its scaling factor.
 
-Every method in the library talks to the model only through this class.
+Every method in the library talks to the model only through this class. Tensor shapes: prompts embed to
+``(B, L, d_in)`` (``L`` = tokenizer length, every row kept); latents are ``(B, C, H, W)``; the edited matrices
+``attn2.to_k.weight`` / ``attn2.to_v.weight`` are ``(d_out, d_in)`` as torch stores them.
 """
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
-from . import config
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
-TINY_TOKENS = 16  # tokenizer length of the bundled model: short, so that null spaces stay wide
+from . import config, world
 
 
 class T2IModel:
@@ -38,8 +44,8 @@ class T2IModel:
     """
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, patch=None, name="model",
-                 vocabulary=None, device=None, guidance=7.5, sample_steps=50):
-        self.device = device or config.get_device()
+                 vocabulary=None, device=None, guidance=7.5, sample_steps=50, family=None):
+        self.device = torch.device(device) if device is not None else config.get_device()
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.vae = vae.to(self.device).eval().requires_grad_(False) if vae is not None else None
@@ -47,6 +53,7 @@ class T2IModel:
         self.scheduler = scheduler
         self.patch = patch
         self.name = name
+        self.family = family or ("tiny" if name == "tiny" else "sd")  # picks the per-model defaults (methods.py)
         self.vocabulary = set(vocabulary) if vocabulary else None
         self.guidance = guidance
         self.sample_steps = sample_steps
@@ -55,20 +62,48 @@ class T2IModel:
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self._empty = None
         self._fingerprint = None
+        self._warned: set = set()  # unknown words already warned about (once per word)
 
     # ------------------------------------------------------------------------------------ text side
     @property
     def max_length(self) -> int:
         return self.tokenizer.model_max_length
 
-    def check_prompt(self, prompt: str) -> None:
-        """Warn, naming the word, when a prompt uses a word the bundled model never saw in training."""
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words of ``prompt`` the bundled model never saw in training (always ``[]`` for Stable Diffusion)."""
         if self.vocabulary is None:
-            return
-        unknown = [w for w in prompt.lower().split() if w not in self.vocabulary]
-        if unknown:
-            warnings.warn(f"the {self.name} model never saw the word(s) {unknown} in training; its known "
-                          f"words are: {', '.join(sorted(self.vocabulary))}", stacklevel=3)
+            return []
+        return [w for w in prompt.lower().replace(",", " ").split() if w not in self.vocabulary]
+
+    def check_prompt(self, prompt) -> None:
+        """Refuse what the text encoder cannot read faithfully, and warn (once per word) about unknown words.
+
+        * not a string -> ``TypeError``;
+        * more tokens than the tokenizer's length ``L`` -> ``ValueError`` (truncation would silently cut words,
+          possibly the concept's: two different prompts would then embed identically);
+        * on the bundled model, a word it never saw is spelled out letter by letter: a ``UserWarning`` names it
+          the first time it is used.
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt must be a string, got {type(prompt).__name__} {prompt!r}")
+        n = len(self.tokenizer(prompt, truncation=False).input_ids)
+        if n > self.max_length:
+            raise ValueError(f"the prompt {prompt!r} has {n} tokens (with BOS/EOS) but this model reads at most "
+                             f"{self.max_length}; the rest would be cut silently. Shorten the prompt.")
+        new = [w for w in self.unknown_words(prompt) if w not in self._warned]
+        if new:
+            self._warned.update(new)
+            warnings.warn(f"the {self.name} model never saw the word(s) {new} in training (it spells them letter by "
+                          f"letter); its known words are: {', '.join(sorted(self.vocabulary))}", stacklevel=3)
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """Token ids of ``prompt`` with BOS and EOS, no padding (at most ``L``)."""
+        self.check_prompt(prompt)
+        return self.tokenizer(prompt, truncation=True, max_length=self.max_length).input_ids
+
+    def word_count(self, prompt: str) -> int:
+        """Number of word tokens of ``prompt`` (no BOS/EOS)."""
+        return max(0, len(self.token_ids(prompt)) - 2)
 
     @torch.no_grad()
     def embed(self, prompts) -> torch.Tensor:
@@ -77,6 +112,8 @@ class T2IModel:
         Every row (BOS, words, EOS, padding) is kept: it is exactly what ``attn2.to_k``/``to_v`` read.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts to embed: pass a string or a non-empty list of strings")
         for p in prompts:
             self.check_prompt(p)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
@@ -118,10 +155,6 @@ class T2IModel:
         """Forward process ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (notebook 01)."""
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         return a.sqrt() * z0 + (1 - a).sqrt() * noise
-
-    def random_timesteps(self, n: int, generator=None) -> torch.Tensor:
-        """``t ~ U{0..T-1}``."""
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
 
     def predict(self, z_t, t, emb, weights: dict | None = None) -> torch.Tensor:
         """Raw UNet output (in the model's own prediction type). ``weights`` overrides parameters by name
@@ -166,25 +199,35 @@ class T2IModel:
         ``embeddings``: precomputed conditions ``(B, L, d_in)`` used instead of encoding ``prompts`` (which may
         then be ``None``); the red-team probe of notebook 06 samples from derived embeddings this way.
         """
-        from diffusers import DDIMScheduler
-
         if embeddings is not None and prompts is None:
             prompts = [""] * len(embeddings)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if embeddings is not None and len(embeddings) != len(prompts):
             raise ValueError(f"got {len(embeddings)} embeddings but {len(prompts)} prompts; pass prompts=None "
                              "with embeddings")
+        if not prompts:
+            raise ValueError("no prompts to sample: pass a string or a non-empty list of prompts")
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-        steps = steps or self.sample_steps
+        bad = [k for k in seeds if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0]
+        if bad:
+            raise ValueError(f"seeds must be whole numbers >= 0, got {bad[:3]}")
+        steps = self.sample_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps (DDIM steps) must be a whole number >= 1, got {steps!r}")
         g = self.guidance if guidance is None else guidance
+        if not isinstance(g, (int, float)) or not math.isfinite(g):
+            raise ValueError(f"guidance must be a finite number, got {g!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        if embeddings is not None and not torch.isfinite(embeddings).all():
+            raise ValueError("the embeddings contain NaN or inf values")
         sched = DDIMScheduler.from_config(self.scheduler.config)
         sched.set_timesteps(steps)
         out = []
         chunks = range(0, len(prompts), batch_size)
         if progress:
-            from tqdm.auto import tqdm
             chunks = tqdm(chunks, desc="sampling")
         for s in chunks:
             ps, ss = prompts[s:s + batch_size], seeds[s:s + batch_size]
@@ -202,6 +245,9 @@ class T2IModel:
                 z = res.prev_sample
                 if callback is not None:
                     callback(int(i), int(t), z, res.pred_original_sample)
+            if not torch.isfinite(z).all():
+                raise FloatingPointError("sampling produced NaN/inf latents: the weights (or a delta or scale applied "
+                                         "to them) are not finite; check the deltas with Delta.check_finite()")
             out.append(((self.from_latent(z) + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(out)
 
@@ -221,7 +267,11 @@ class T2IModel:
                 or any(n.startswith(m + ".") for m in names)]
 
     def params(self, names) -> dict:
+        """``{name: parameter}`` of the UNet for ``names`` (a clear error for a name it does not have)."""
         d = dict(self.unet.named_parameters())
+        missing = [n for n in names if n not in d]
+        if missing:
+            raise KeyError(f"this UNet has no parameters named {missing[:3]}; was it made for another architecture?")
         return {n: d[n] for n in names}
 
     def fingerprint(self) -> str:
@@ -267,140 +317,58 @@ class T2IModel:
                     params[n].copy_(w)
 
 
-# ------------------------------------------------------------------------------------ training loss
-def diffusion_loss(unet, alphas_cumprod, x0, emb, t, noise, prediction_type="v_prediction", snr_gamma=None):
-    """The denoising loss the model is trained with (notebook 01): ``x_t = sqrt(abar) x_0 + sqrt(1-abar) eps``
-    and ``|| out(x_t, c, t) - target ||^2`` with target ``eps`` (epsilon) or ``v = sqrt(abar) eps -
-    sqrt(1-abar) x_0`` (v_prediction). ``snr_gamma`` applies min-SNR weights ``min(SNR, g) / (SNR + 1)``
-    (for v-prediction) or ``min(SNR, g) / SNR`` (for epsilon)."""
-    a = alphas_cumprod[t].view(-1, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    if prediction_type == "v_prediction":
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0
-    elif prediction_type == "epsilon":
-        target = noise
-    else:
-        raise ValueError(f"unsupported prediction type {prediction_type!r}")
-    pred = unet(xt, t, encoder_hidden_states=emb).sample
-    per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-    if snr_gamma:
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        w = torch.clamp(snr, max=snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
-        per = w * per
-    return per.mean()
+# ------------------------------------------------------------------------------------ loading
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
-# ------------------------------------------------------------------------------------ tiny model
-def tiny_tokenizer_files(words, directory: Path) -> None:
-    """Write ``vocab.json``/``merges.txt`` of a CLIP BPE tokenizer in which each world word is one token.
-
-    Single letters (and letter + ``</w>``) are in the vocabulary too, so an unknown word is spelled out
-    letter by letter rather than lost (and :meth:`T2IModel.check_prompt` warns about it).
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab: dict = {}
-
-    def add(tok):
-        vocab.setdefault(tok, len(vocab))
-
-    for t in ("<|startoftext|>", "<|endoftext|>"):
-        add(t)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    for c in letters:
-        add(c)
-    for c in letters:
-        add(c + "</w>")
-    merges = []
-    for w in sorted(words):
-        sym = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = sym[0]
-        for s in sym[1:]:
-            if (cur, s) not in merges:
-                merges.append((cur, s))
-            cur += s
-            add(cur)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": TINY_TOKENS, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "do_lower_case": True,
-        "tokenizer_class": "CLIPTokenizer"}))
-
-
-def tiny_configs(vocab_size: int) -> dict:
-    """Configs of the bundled model (4x4 patches -> 8x8x48; text width 256 keeps null spaces wide)."""
-    unet = dict(
-        sample_size=8, in_channels=48, out_channels=48, layers_per_block=2, block_out_channels=(64, 128),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
-        cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
-    )
-    text = dict(
-        vocab_size=vocab_size, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=TINY_TOKENS, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1, projection_dim=256,
-    )
-    scheduler = dict(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-        clip_sample=True, set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
-    )
-    return dict(unet=unet, text=text, scheduler=scheduler)
-
-
-def build_tiny(directory=None, seed: int = 0):
-    """Fresh random-weight parts of the bundled model (for training): unet, text_encoder, tokenizer, sched."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from .world import VOCABULARY
-
-    directory = Path(directory or config.TINY_DIR)
-    tiny_tokenizer_files(VOCABULARY, directory / "tokenizer")
-    tok = CLIPTokenizer.from_pretrained(directory / "tokenizer")
-    cfg = tiny_configs(len(tok))
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**cfg["unet"])
-    text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
-    sched = DDIMScheduler(**cfg["scheduler"])
-    return unet, text, tok, sched
+def resolve_dtype(dtype, device: torch.device):
+    """``None``/a torch dtype/``"fp16"``/``"bf16"``/``"fp32"`` -> a torch dtype or ``None`` (float32). Half
+    precision is for CUDA: on a CPU it is refused (slow, and some CPU kernels lack it)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype.lower()]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unsupported dtype {dtype}; use float32, float16 or bfloat16")
+    if dtype != torch.float32 and device.type != "cuda":
+        raise ValueError(f"dtype {dtype} is for a CUDA GPU; on {device.type} use float32 (dtype=None)")
+    return None if dtype == torch.float32 else dtype
 
 
 def load_tiny(directory=None, device=None) -> T2IModel:
     """Load the bundled model from ``data/tiny_t2i`` (diffusers/transformers folders, safetensors)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from .world import VOCABULARY
-
     directory = Path(directory or config.TINY_DIR)
     need = [directory / "unet" / "diffusion_pytorch_model.safetensors", directory / "text_encoder" / "model.safetensors",
             directory / "tokenizer" / "vocab.json", directory / "scheduler" / "scheduler_config.json"]
     missing = [str(p) for p in need if not p.exists()]
     if missing:
         raise FileNotFoundError(f"the bundled tiny model is incomplete: missing {missing}. Recreate it with "
-                                "`python -m sepme_lib.train_tiny` (or restore data/ from git).")
+                                "`python -m sepme_lib.train_tiny` (or restore data/ from git, or point SEPME_DATA at "
+                                "a data/ folder).")
     unet = UNet2DConditionModel.from_pretrained(directory / "unet", low_cpu_mem_usage=False)
     text = CLIPTextModel.from_pretrained(directory / "text_encoder")
     tok = CLIPTokenizer.from_pretrained(directory / "tokenizer")
     sched = DDIMScheduler.from_pretrained(directory / "scheduler")
-    return T2IModel(unet, text, tok, sched, patch=4, name="tiny", vocabulary=VOCABULARY, device=device,
-                    guidance=config.TINY_GUIDANCE, sample_steps=config.TINY_SAMPLE_STEPS)
+    return T2IModel(unet, text, tok, sched, patch=4, name="tiny", vocabulary=world.VOCABULARY, device=device,
+                    guidance=config.TINY_GUIDANCE, sample_steps=config.TINY_SAMPLE_STEPS, family="tiny")
 
 
 def load_sd(path_or_id: str, device=None, dtype=None) -> T2IModel:
     """Load a Stable Diffusion 1.x pipeline from a local folder, or from the Hugging Face cache.
 
     Nothing is downloaded unless ``SEPME_ALLOW_DOWNLOAD=1``; otherwise an id that is not already in the
-    local cache fails at once with a message saying how to provide the weights.
+    local cache fails at once with a message saying how to provide the weights. The pipeline's scheduler is
+    copied into a DDIM scheduler of the same configuration (the pipeline object is not kept).
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     local = Path(path_or_id).expanduser()
     allow = os.environ.get("SEPME_ALLOW_DOWNLOAD") == "1"
-    kwargs = {}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    if local.exists() and not (local / "model_index.json").exists():
+        raise FileNotFoundError(f"{local} is not a diffusers pipeline folder (no model_index.json); give a folder "
+                                "with unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json")
     try:
         if local.exists():
             pipe = StableDiffusionPipeline.from_pretrained(local, safety_checker=None, **kwargs)
@@ -415,17 +383,23 @@ def load_sd(path_or_id: str, device=None, dtype=None) -> T2IModel:
             "allowed, set SEPME_ALLOW_DOWNLOAD=1. The bundled model is load_model('tiny').") from e
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     return T2IModel(pipe.unet, pipe.text_encoder, pipe.tokenizer, sched, vae=pipe.vae, name=str(path_or_id),
-                    device=device)
+                    device=device, family="sd")
 
 
 def load_model(name: str = "tiny", device=None, dtype=None) -> T2IModel:
-    """``"tiny"`` -> the bundled model in ``data/``; anything else -> an SD 1.x id or local folder.
+    """``"tiny"`` -> the bundled model in ``data/``; anything else -> an SD 1.x hub id or local folder.
 
-    ``dtype=torch.float16`` halves SD's memory on a GPU (deltas stay float32 and are added in fp32, then
-    cast); the default float32 is exact and what the tests use."""
+    ``device``: a torch device or its name (default :func:`config.get_device`). ``dtype``: ``None`` (float32,
+    exact, what the tests use) or ``"fp16"``/``"bf16"`` (or the torch dtype) for Stable Diffusion on a CUDA GPU
+    (deltas stay float32 and are added in float32, then cast)."""
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise ValueError(f"load_model needs 'tiny', a Stable Diffusion hub id or a local folder, got {name!r}")
+    name = str(name)
+    dev = config.get_device(str(device)) if device is not None else config.get_device()
+    dt = resolve_dtype(dtype, dev)
     if name == "tiny":
-        if dtype not in (None, torch.float32):
+        if dt is not None:
             raise ValueError(f"dtype={dtype} is for Stable Diffusion on a GPU; the bundled tiny model runs in float32 "
                              "(pass dtype=None)")
-        return load_tiny(device=device)
-    return load_sd(name, device=device, dtype=dtype)
+        return load_tiny(device=dev)
+    return load_sd(name, device=dev, dtype=dt)

@@ -1,4 +1,4 @@
-"""Layer 4: perceptual distance between original and edited images -- SSIM, 1-SSIM and (offline) LPIPS.
+"""Layer 2 -- perceptual distance between original and edited images -- SSIM, 1-SSIM and (offline) LPIPS.
 
 Introduced in ``notebooks/05_interactive_combination.ipynb`` (original vs edited view of
 ``theta + sum_i s_i dTheta_i``) and used by ``evaluate``-style tables. The paper reports how much an
@@ -28,6 +28,7 @@ model draw from the same prompt and seed measures that in pixels.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -168,9 +169,7 @@ def _load_lpips():
     key = (str(alex), alex.stat().st_mtime_ns)
     if key in _LPIPS_CACHE:
         return _LPIPS_CACHE[key]
-    import warnings
-
-    import lpips
+    import lpips  # optional extra (pip install 'sepme_lib[lpips]')
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" notices

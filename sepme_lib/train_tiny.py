@@ -17,10 +17,124 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import config, world
-from .model import build_tiny, diffusion_loss
+
+TINY_TOKENS = 16  # tokenizer length of the bundled model: short, so that null spaces stay wide
+
+
+# ------------------------------------------------------------------------------------ training loss
+def diffusion_loss(unet, alphas_cumprod, x0, emb, t, noise, prediction_type="v_prediction", snr_gamma=None):
+    """The denoising loss the model is trained with (notebook 01): ``x_t = sqrt(abar) x_0 + sqrt(1-abar) eps``
+    and ``|| out(x_t, c, t) - target ||^2`` with target ``eps`` (epsilon) or ``v = sqrt(abar) eps -
+    sqrt(1-abar) x_0`` (v_prediction). ``snr_gamma`` applies min-SNR weights ``min(SNR, g) / (SNR + 1)``
+    (for v-prediction) or ``min(SNR, g) / SNR`` (for epsilon)."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    if prediction_type == "v_prediction":
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    elif prediction_type == "epsilon":
+        target = noise
+    else:
+        raise ValueError(f"unsupported prediction type {prediction_type!r}")
+    pred = unet(xt, t, encoder_hidden_states=emb).sample
+    per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    if snr_gamma:
+        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+        w = torch.clamp(snr, max=snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        per = w * per
+    return per.mean()
+
+
+# ------------------------------------------------------------------------------------ the tiny model's parts
+def tiny_tokenizer_files(words, directory: Path) -> None:
+    """Write ``vocab.json``/``merges.txt`` of a CLIP BPE tokenizer in which each world word is one token.
+
+    Single letters (and letter + ``</w>``) are in the vocabulary too, so an unknown word is spelled out
+    letter by letter rather than lost (and :meth:`T2IModel.check_prompt` warns about it).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab: dict = {}
+
+    def add(tok):
+        vocab.setdefault(tok, len(vocab))
+
+    for t in ("<|startoftext|>", "<|endoftext|>"):
+        add(t)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    for c in letters:
+        add(c)
+    for c in letters:
+        add(c + "</w>")
+    # Each word is merged left to right: (w[0], w[1]), (w[:2], w[2]), ... BPE applies the lowest-ranked merge present.
+    # Merges whose left side is a prefix of two or more letters come first (they only apply once their word has
+    # started merging); then the first-pair merges, ordered so that each word's own first pair ranks before every
+    # other first pair found inside it ("tr" of "triangle" inside "striped"): a topological order of that relation.
+    chain, first, inside = [], {}, {}
+    for w in sorted(words):
+        sym = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = sym[0]
+        for k, s in enumerate(sym[1:]):
+            if k == 0:
+                first.setdefault((cur, s), set())
+            elif (cur, s) not in chain:
+                chain.append((cur, s))
+            cur += s
+            add(cur)
+        if len(sym) > 1:
+            inside[(sym[0], sym[1])] = inside.get((sym[0], sym[1]), set()) | set(zip(sym[1:], sym[2:]))
+    for pair, later in inside.items():  # pair must rank before every first pair occurring later in its word
+        for q in later:
+            if q in first and q != pair:
+                first[q].add(pair)
+    ordered, done = [], set()
+    while len(ordered) < len(first):
+        ready = sorted(m for m in first if m not in done and first[m] <= done) or sorted(set(first) - done)[:1]
+        ordered += ready
+        done.update(ready)
+    merges = chain + ordered
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": TINY_TOKENS, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer"}))
+
+
+def tiny_configs(vocab_size: int) -> dict:
+    """Configs of the bundled model (4x4 patches -> 8x8x48; text width 256 keeps null spaces wide)."""
+    unet = dict(
+        sample_size=8, in_channels=48, out_channels=48, layers_per_block=2, block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
+    )
+    text = dict(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=TINY_TOKENS, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, projection_dim=256,
+    )
+    scheduler = dict(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+        clip_sample=True, set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
+    )
+    return dict(unet=unet, text=text, scheduler=scheduler)
+
+
+def build_tiny(directory=None, seed: int = 0):
+    """Fresh random-weight parts of the bundled model (for training): unet, text_encoder, tokenizer, sched."""
+    directory = Path(directory or config.TINY_DIR)
+    tiny_tokenizer_files(world.VOCABULARY, directory / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    cfg = tiny_configs(len(tok))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    sched = DDIMScheduler(**cfg["scheduler"])
+    return unet, text, tok, sched
 
 
 def export(unet, text, tok, sched, out: Path, meta: dict) -> None:
@@ -74,9 +188,6 @@ def main(argv=None):
         torch.manual_seed(args.seed + step)
         print(f"resumed from {args.state} at step {step} ({seconds / 60:.1f} min trained)")
     elif args.from_export:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.out / "unet").state_dict())
         text.load_state_dict(CLIPTextModel.from_pretrained(args.out / "text_encoder").state_dict())
         ema_unet.load_state_dict(unet.state_dict()), ema_text.load_state_dict(text.state_dict())

@@ -1,4 +1,4 @@
-"""Layer 4: the interactive combination widget -- ``theta + sum_i s_i dTheta_i`` with live ACC and leakage.
+"""Layer 10 -- the interactive combination widget -- ``theta + sum_i s_i dTheta_i`` with live ACC and leakage.
 
 Introduced in ``notebooks/05_interactive_combination.ipynb``. SepME's increments are separable (paper
 Sec. 3.2, Eqs. 5-10): because ``A_j dW_i^T = 0`` for every concept ``j != i`` (Eq. 7, the null-space
@@ -6,7 +6,7 @@ property), the combined model ``theta + sum_{i in S} s_i dTheta_i`` (the paper's
 "DMs with theta + sum_{i in {j,k}} dTheta_i eliminate c_j and c_k") acts on concept ``j``'s prompts exactly like
 ``theta + s_j dTheta_j`` when ``j`` is in ``S`` and like ``theta`` when it is not. The widget lets you switch
 each ``dTheta_i`` on and off, set its strength ``s_i``, pick a prompt and a seed, and see the images, the
-classifier's ACC on them and the leakage certificate ``||A dW^T|| / ||A W^T||`` (``core.leakage``) of the
+classifier's ACC on them and the leakage certificate ``||A dW^T|| / ||A W^T||`` (``nullspace.leakage``) of the
 combined increment on the prompt, on ``c_0`` and on the concepts that are switched off.
 
 All logic is in plain functions, unit-tested in ``tests/test_widgets.py``:
@@ -32,17 +32,22 @@ ACC of the bundled model's concepts is 1.00 at 6, 8, 10 and 20 steps, so 8 steps
 """
 from __future__ import annotations
 
+import html
 import io
 import math
 import statistics
 import time
 
+import ipywidgets as W
 import numpy as np
 import torch
+from IPython.display import display
+from PIL import Image
 
-from . import core, world
+from . import world
 from .classifier import HEADS, predict
 from .deltas import combine, edited_weights
+from .nullspace import leakage
 from .perceptual import perceptual_distance
 
 WIDGET_STEPS = 8       # DDIM steps per refresh (see the module docstring for the measurement)
@@ -127,7 +132,7 @@ def _check_render_args(deltas, scales, prompt, seed, n):
 
 
 def leakage_readout(model, deltas, scales, prompt: str) -> dict:
-    """Leakage certificate of the combined increment ``sum_i s_i dW_i`` (``core.leakage``, notebook 03):
+    """Leakage certificate of the combined increment ``sum_i s_i dW_i`` (``nullspace.leakage``, notebook 03):
 
     ``{"prompt": on the chosen prompt, "c0": on the empty prompt, "off": {name: on the main prompt of each
     switched-off world concept}}``. For SepME_1 increments "c0" and "off" are at float precision (~1e-7):
@@ -139,7 +144,7 @@ def leakage_readout(model, deltas, scales, prompt: str) -> dict:
         return dict(prompt=0.0, c0=0.0, off={n: 0.0 for n in off_names})
     total = combine(deltas, scales)
     probe = [prompt, ""] + [p for p in off_prompts.values() if p not in (prompt, "")]
-    lk = core.leakage(model, total, list(dict.fromkeys(probe)))
+    lk = leakage(model, total, list(dict.fromkeys(probe)))
     return dict(prompt=lk[prompt], c0=lk[""], off={n: lk[p] for n, p in off_prompts.items()})
 
 
@@ -206,8 +211,6 @@ def render_comparison(model, clf, deltas, scales, prompt: str, seed: int = 0, n:
 # ------------------------------------------------------------------------------------------ display
 def grid_image(images, ncols: int | None = None, upscale: int = UPSCALE, gap: int = 2, background=255):
     """A PIL image: ``images`` (N,3,H,W) in [0,1] tiled ``ncols`` wide, each upscaled (nearest) ``upscale``x."""
-    from PIL import Image
-
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a (N, 3, H, W) tensor in [0, 1], got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
@@ -262,8 +265,6 @@ class CombinationWidget:
 
     def __init__(self, model, clf, deltas, prompts=None, n: int = 4, seed: int = 0, steps: int | None = WIDGET_STEPS,
                  guidance: float | None = WIDGET_GUIDANCE, scale_range=SCALE_RANGE, metric: str = "auto"):
-        import ipywidgets as W
-
         self.model, self.clf, self.deltas = model, clf, list(deltas)
         if not self.deltas:
             raise ValueError("CombinationWidget needs at least one delta (a list of Delta objects)")
@@ -309,7 +310,7 @@ class CombinationWidget:
         self.grid.value = png_bytes(grid_image(edited["images"], ncols=self.n))
         self.original_img.value = png_bytes(grid_image(comp["original"]["images"], ncols=2))
         self.edited_img.value = png_bytes(grid_image(edited["images"], ncols=2))
-        self.readout.value = "<pre style='font-size:11px'>" + _html_escape(format_readout(edited, comp)) + "</pre>"
+        self.readout.value = "<pre style='font-size:11px'>" + html.escape(format_readout(edited, comp)) + "</pre>"
         self.last = comp
         return comp
 
@@ -317,16 +318,10 @@ class CombinationWidget:
         try:
             self.update()
         except (ValueError, TypeError, KeyError) as e:  # bad input from a control: show it, keep the last grid
-            self.readout.value = f"<pre style='color:#b00'>{_html_escape(str(e))}</pre>"
+            self.readout.value = f"<pre style='color:#b00'>{html.escape(str(e))}</pre>"
 
     def _ipython_display_(self):
-        from IPython.display import display
-
         display(self.ui)
-
-
-def _html_escape(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # ------------------------------------------------------------------------------------------ benchmark

@@ -11,14 +11,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-SD_WORDS = ("a", "photo", "of", "cat", "dog", "car", "tree", "in", "style", "painting", "by", "van", "gogh")
+SD_WORDS = ("a", "an", "photo", "of", "cat", "dog", "car", "tree", "in", "the", "style", "painting", "by", "artwork",
+            "landscape", "painted", "van", "gogh", "picasso", "cezanne", "jackson", "pollock", "caravaggio", "keith",
+            "haring", "kelly", "mckernan", "tyler", "edlin", "kilian", "eng")
 
 
 def build_tiny_sd(tmp_path, seed: int = 0, tokens: int = 12, width: int = 64):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sepme_lib.model import T2IModel, tiny_tokenizer_files
+    from sepme_lib.model import T2IModel
+    from sepme_lib.train_tiny import tiny_tokenizer_files
 
     tok_dir = tmp_path / "sd_tokenizer"
     tiny_tokenizer_files(SD_WORDS, tok_dir)
@@ -37,7 +40,7 @@ def build_tiny_sd(tmp_path, seed: int = 0, tokens: int = 12, width: int = 64):
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False)
     return T2IModel(unet, text, tok, sched, vae=vae, name="tiny-sd-random", device=torch.device("cpu"),
-                    guidance=7.5, sample_steps=4)
+                    guidance=7.5, sample_steps=4, family="sd")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Evaluation bookkeeping: subsets, summaries (erased / others / restoration drift), tables, paper numbers."""
 import pytest
 
-from sepme_lib import course, evaluate, paper, world
+from sepme_lib import evaluate, paper, report, world
 
 
 def test_subsets_are_the_seven_combinations():
@@ -20,17 +20,17 @@ def test_summary_by_hand():
     assert s["restoration_drift_max"] == pytest.approx(0.1)
 
 
-def test_eval_prompts_show_the_concept():
-    ps = evaluate.eval_prompts("dotted", 10)
+def test_eval_prompts_show_the_concept(tiny):
+    ps = evaluate.eval_prompts(tiny, "dotted", 10)
     assert len(ps) == 10 and all("in dotted style" in p for p in ps)
     assert len(set(ps)) == 10
-    assert all(p.split()[2] == "star" for p in evaluate.eval_prompts("star", 6))
+    assert all(p.split()[2] == "star" for p in evaluate.eval_prompts(tiny, "star", 6))
 
 
 def test_markdown_table_and_report_html():
-    md = evaluate.markdown_table([dict(x=0.5, y="k")], ["x", "y"])
+    md = report.markdown_table([dict(x=0.5, y="k")], ["x", "y"])
     assert md.splitlines()[0] == "| x | y |" and "| 0.50 | k |" in md
-    html = course._md_table_to_html("caption\n" + md)
+    html = report.md_table_to_html("caption\n" + md)
     assert "<th>x</th>" in html and "<td>0.50</td>" in html and "caption" in html
 
 

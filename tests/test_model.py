@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 
-from sepme_lib import core, world
+from sepme_lib import erase, nullspace, world
+from sepme_lib.concepts import Concept
 from sepme_lib.model import load_model, load_tiny
 
 
@@ -87,8 +88,8 @@ def test_load_model_fails_fast_without_weights():
 
 def test_null_space_capacity_for_six_concepts(tiny):
     prompts = [""] + [world.concept_prompt(c) for c in ("striped", "checkered", "dotted", "outline", "gradient", "star")]
-    S, s, rank = core.null_space(core.stack_rows(tiny, prompts))
-    assert S.shape[1] >= 32, (S.shape, rank)
+    ns = nullspace.null_space(nullspace.stack_rows(tiny, prompts))
+    assert ns.dim >= 32, (ns.dim, ns.rank)
 
 
 def test_training_smoke_and_checkpoint_roundtrip(tmp_path):
@@ -111,20 +112,22 @@ def test_training_smoke_and_checkpoint_roundtrip(tmp_path):
     assert json.loads((out / "training.json").read_text())["step"] == 6
 
 
-def test_dtype_is_for_sd_only():
-    with pytest.raises(ValueError, match="tiny model runs in float32"):
+def test_dtype_is_for_sd_on_a_gpu():
+    with pytest.raises(ValueError, match="float32"):
         load_model("tiny", dtype=torch.float16)
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        load_model("tiny", dtype="fp8")
 
 
 def test_fp16_frozen_sd_trains_fp32_increments(tmp_path):
     """The GPU path of notebook 04 (frozen SD weights in fp16, increments in fp32), on the CPU."""
     from conftest import build_tiny_sd
-    from sepme_lib import deltas, sepme
+    from sepme_lib import deltas
 
     m = build_tiny_sd(tmp_path)
     m.unet.half()
-    c = core.Concept("dog", ["a photo of a dog"], torch.randn(4, *m.latent_shape, generator=torch.Generator().manual_seed(0)))
-    d = sepme.sepme(m, [c], "separate", sepme.Settings(cap=3, batch=2, warmup=1), progress=False)[0]
+    c = Concept("dog", ["a photo of a dog"], torch.randn(4, *m.latent_shape, generator=torch.Generator().manual_seed(0)))
+    d = erase(m, [c], method="sepme", cap=3, batch=2, warmup=1, lr=2e-2, beta=5e-2)[0]
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in d.tensors.values())
     assert d.l1_norm() > 0
     w = deltas.edited_weights(m, [d])

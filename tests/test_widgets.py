@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from sepme_lib import core, perceptual, sepme, widgets, world
+from sepme_lib import erase, perceptual, widgets, world
 from sepme_lib.deltas import edited_weights
 
 STEPS = 2  # DDIM steps in these tests: the functions are what is tested, not image quality
@@ -12,8 +12,7 @@ STEPS = 2  # DDIM steps in these tests: the functions are what is tested, not im
 @pytest.fixture(scope="session")
 def ds(tiny):
     """Two SepME_1 increments (striped, checkered) with a handful of steps: enough to be non-zero."""
-    concepts = core.make_concepts(tiny, ["striped", "checkered"], n_ref=4)
-    return sepme.sepme(tiny, concepts, "separate", sepme.Settings(cap=4, warmup=10, batch=2), progress=False)
+    return erase(tiny, ["striped", "checkered"], method="sepme", n_ref=4, cap=4, batch=2)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from sepme_lib import world
-from sepme_lib.model import tiny_tokenizer_files
+from sepme_lib.train_tiny import tiny_tokenizer_files
 
 
 def test_render_is_deterministic_and_in_range():

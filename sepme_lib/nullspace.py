@@ -1,0 +1,159 @@
+"""Layer 5 -- weight decoupling (paper Eqs. 5-11): protected prompts, their null space, decoupled increments
+``dW_i = beta w_i S_i^T``, the capacity check and the leakage certificate.
+
+Introduced in ``notebooks/03_weight_decoupling_nullspace.ipynb``.
+
+Shapes (torch stores a linear layer ``d_out x d_in``; the paper writes the transpose):
+
+* ``A_i``: ``(k L, d_in)`` -- all ``L`` embedding rows of the ``k`` protected prompts stacked (Eq. 5: every other
+  concept, ``c_0``, and anything the user asks to protect). One ``A_i`` serves every attn2 to_k/to_v, since all of
+  them read the same text embedding.
+* ``S_i``: ``(d_in, n_null)`` -- an orthonormal basis of ``null(A_i) = {x : A_i x = 0}`` from an SVD in float64
+  (Eqs. 6-9: the paper's ``A_i W = 0`` solved for all ``W`` at once).
+* ``w_i``: ``(d_out, n_null)`` per matrix, initialised to zero; ``dW_i = beta * w_i @ S_i^T`` (Eq. 10), so
+  ``A_i @ dW_i^T = beta * A_i S_i w_i^T = 0``: the keys and values of every protected prompt are unchanged, and so is
+  every noise prediction for them.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .gcirs import Increment
+
+NULL_RTOL = 1e-6  # singular values <= NULL_RTOL * s_max count as zero (then ||A S||_2 <= NULL_RTOL * s_max)
+
+
+class CapacityError(ValueError):
+    """The null space left for a concept is too small to train a meaningful increment."""
+
+
+class NullSpace(NamedTuple):
+    """Result of :func:`null_space`.
+
+    ``basis`` ``S`` ``(d_in, n_null)`` (orthonormal columns, float64); ``singular_values`` of ``A``; ``rank``;
+    ``tol`` = ``rtol * s_max`` (singular values at or below it count as zero); ``residual`` = ``||A S||_2``, measured,
+    which is at most ``tol`` by construction (it equals the largest discarded singular value)."""
+
+    basis: torch.Tensor
+    singular_values: torch.Tensor
+    rank: int
+    tol: float
+    residual: float
+
+    @property
+    def dim(self) -> int:
+        return self.basis.shape[1]
+
+
+def stack_rows(model, prompts) -> torch.Tensor:
+    """``A``: all ``L`` rows of every prompt's embedding stacked, ``(k*L, d_in)`` (Eq. 5). ``""`` is ``c_0``."""
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to stack: A needs at least c_0 ('')")
+    return torch.cat([model.empty()[0] if p == "" else model.embed([p])[0] for p in prompts])
+
+
+def null_space(A: torch.Tensor, rtol: float = NULL_RTOL) -> NullSpace:
+    """Orthonormal basis of ``{x : A x = 0}`` by SVD in float64 (Eqs. 6-9), with its measured residual.
+
+    ``A = U diag(s) V^T``; the right singular vectors whose singular value is ``<= rtol * s_max`` span the
+    (numerical) null space. Returns a :class:`NullSpace`; ``residual <= tol`` holds by construction and is checked.
+    """
+    if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.numel() == 0:
+        raise ValueError(f"A must be a non-empty 2-D tensor (rows x d_in), got {getattr(A, 'shape', type(A))}")
+    if not torch.isfinite(A).all():
+        raise ValueError("A contains NaN or inf values")
+    if not 0 <= rtol < 1:
+        raise ValueError(f"rtol must be in [0, 1), got {rtol}")
+    A64 = A.detach().to("cpu", torch.float64)
+    _, s, vh = torch.linalg.svd(A64, full_matrices=True)
+    tol = float(rtol * s.max()) if s.numel() else 0.0
+    rank = int((s > tol).sum())
+    S = vh[rank:].T.contiguous()
+    residual = float(torch.linalg.matrix_norm(A64 @ S, ord=2)) if S.shape[1] else 0.0
+    # ||A S||_2 equals the largest discarded singular value (<= tol); allow float64 rounding of the product
+    if residual > tol + 1e-12 * float(s.max()):
+        raise ArithmeticError(f"null space check failed: ||A S||_2 = {residual:.3g} > tol {tol:.3g}")
+    return NullSpace(S, s, rank, tol, residual)
+
+
+def check_capacity(ns: NullSpace, n_prompts: int, name: str, minimum: int) -> None:
+    """Refuse, naming the numbers, a null space smaller than ``minimum`` dimensions (see the README's capacity
+    estimate ``d_in - (k (L - 1) + 1)`` for ``k`` stacked prompts)."""
+    d_in = ns.basis.shape[0]
+    if ns.dim < minimum:
+        raise CapacityError(
+            f"the null space left for concept {name!r} has dimension {ns.dim} (= d_in {d_in} - rank {ns.rank} of "
+            f"{n_prompts} protected prompts), below the minimum {minimum}. Protect fewer prompts, use a "
+            "shorter tokenizer length, or erase in several iterative stages (mode='iterative').")
+
+
+def decoupled_increment(model, name: str, protect_prompts, beta: float, min_null_dim: int, lr: float,
+                        tau: float) -> Increment:
+    """``dW = beta * w S^T`` on every attn2 to_k/to_v, ``S`` spanning ``null(A)`` of the protected prompts, ``w = 0``
+    (Eq. 10). Raises :class:`CapacityError` before anything trains when the null space is too small."""
+    protect_prompts = list(dict.fromkeys(protect_prompts))
+    ns = null_space(stack_rows(model, protect_prompts))
+    check_capacity(ns, len(protect_prompts), name, min_null_dim)
+    S = ns.basis.to(model.device, torch.float32)
+    params = {k: torch.zeros(p.shape[0], S.shape[1], device=model.device, requires_grad=True)
+              for k, p in model.params(model.kv_weight_names()).items()}
+    return Increment(name, params, lr=lr, tau=tau, basis=S, beta=beta,
+                     info=dict(null_dim=ns.dim, rank=ns.rank, d_in=S.shape[0], null_residual=ns.residual,
+                               null_tol=ns.tol, protected=protect_prompts))
+
+
+# ------------------------------------------------------------------------------------------ certificate
+def _tensors(deltas_or_tensors) -> dict:
+    """A dict of tensors from a Delta, a list of Deltas (their plain sum) or a dict itself."""
+    x = deltas_or_tensors
+    if isinstance(x, dict):
+        return x
+    items = [x] if hasattr(x, "tensors") else list(x)
+    if not items:
+        raise ValueError("leakage needs at least one delta (or a dict of tensors)")
+    out: dict = {}
+    for d in items:
+        for k, v in d.tensors.items():
+            out[k] = out[k] + v if k in out else v
+    return out
+
+
+@torch.no_grad()
+def leakage(model, deltas_or_tensors, prompts) -> dict:
+    """Certificate of separability: for each prompt, ``max_l ||A dW_l^T|| / ||A W_l^T||`` over the edited to_k/to_v
+    matrices, ``A`` the prompt's ``L`` embedding rows (notebook 03): the relative change of its keys and values.
+
+    ``deltas_or_tensors``: a :class:`~sepme_lib.deltas.Delta`, a list of them (summed with scale 1), or a dict of
+    tensors. Exact (float precision) for prompts stacked into ``A_i`` when training; for any other prompt it is a
+    measurement. Only to_k/to_v changes are counted: a G-CiRs increment also edits to_q and to_out, which act on
+    every prompt, so for it this number understates the change."""
+    tensors = _tensors(deltas_or_tensors)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("leakage needs at least one prompt")
+    params = dict(model.unet.named_parameters())
+    kv = {k: v for k, v in tensors.items() if k.endswith(("to_k.weight", "to_v.weight"))}
+    out = {}
+    for p in prompts:
+        A = model.empty()[0] if p == "" else model.embed([p])[0]
+        worst = 0.0
+        for k, dW in kv.items():
+            W = params[k].detach().float()
+            num = (A @ dW.to(A.device, torch.float32).T).norm()
+            den = (A @ W.T).norm()
+            worst = max(worst, float(num / den))
+        out[p] = worst
+    return out
+
+
+def capacity_table(model, prompt_sets) -> list[dict]:
+    """Null-space dimension for growing sets of protected prompts (notebook 03's capacity plot)."""
+    rows = []
+    for prompts in prompt_sets:
+        A = stack_rows(model, prompts)
+        ns = null_space(A)
+        rows.append(dict(prompts=len(prompts), rows=A.shape[0], rank=ns.rank, null_dim=ns.dim))
+    return rows

@@ -1,0 +1,92 @@
+"""Layer 1 -- tables for people: markdown tables of results, their HTML form, and the benchmark reports.
+
+Used by the notebooks (``IPython.display.Markdown(markdown_table(...))``), ``bench`` and ``course``. Plain Python:
+it imports nothing from the rest of the library.
+"""
+from __future__ import annotations
+
+import html
+
+SUMMARY_KEYS = ("erased_acc", "others_acc", "perceptual_erased", "perceptual_others", "l1", "seconds", "redteam_acc")
+
+
+def fmt(v) -> str:
+    """A number with 2-3 significant digits (small values in exponent form); anything else as ``str``."""
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.2f}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows, columns, header=None) -> str:
+    """A small markdown table from a list of dicts."""
+    header = header or columns
+    out = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def md_table_to_html(md: str) -> str:
+    """The tables (and the caption lines) of a markdown snippet as HTML."""
+    rows, pre = [], []
+    for line in md.strip().splitlines():
+        if line.startswith("|") and not set(line) <= set("|-: "):
+            rows.append([html.escape(c.strip()) for c in line.strip("|").split("|")])
+        elif not line.startswith("|"):
+            pre.append(html.escape(line))
+    if not rows:
+        return ""
+    head = "".join(f"<th>{c}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return (f"<p>{'<br>'.join(pre)}</p>" if pre else "") + f"<table><tr>{head}</tr>{body}</table>"
+
+
+def sepme_markdown(out: dict) -> str:
+    """The SepME benchmark (``bench.bench_sepme``) in the paper's layout: Tables 1-2 (G-CiRs), 3-5 (combinations),
+    6 (the tau sweep)."""
+    evals = list(out["original"])
+    parts = [f"Original model (ACC, {out['images_per_concept']} images per concept):\n",
+             markdown_table([out["original"]], evals)]
+    if "gcirs" in out:
+        rows = [dict(erased=r["erased"], others=r["others"], l1=r["l1"], **r["acc"]) for r in out["gcirs"]]
+        parts += ["\n\nG-CiRs (Tables 1-2 layout)\n", markdown_table(rows, ["erased"] + evals + ["others", "l1"])]
+    for key, title in (("sepme1", "SepME_1 (separate)"), ("sepme2", "SepME_2 (iterative)")):
+        if key not in out.get("tables", {}):
+            continue
+        rows = [dict(erased="+".join(r["subset"]), **r["acc"]) for r in out["tables"][key]]
+        parts += [f"\n\n{title}: ACC of every style under theta + sum of the listed increments (Tables 3-5 layout)\n",
+                  markdown_table(rows, ["erased"] + evals)]
+        summ = {k: out[key][k] for k in ("leakage_max", "erased_acc_max", "others_ratio_min", "restoration_drift_max",
+                                         "seconds_per_concept")}
+        parts += ["\n\n" + markdown_table([summ], list(summ))]
+    for key, name in (("tau_sweep", "tau"), ("lam_sweep", "lam")):
+        if key in out:
+            rows = [dict({name: r[name]}, steps=r["steps"], others=r["others"], l1=r["l1"], **r["acc"]) for r in out[key]]
+            parts += [f"\n\n{name} sweep, SepME_1 erasing {out.get('sweep_concept', 'striped')} alone (Table 6 layout)\n",
+                      markdown_table(rows, [name, "steps"] + evals + ["others", "l1"])]
+    if not out.get("complete", True):
+        parts += ["\n\n(partial results: the run was stopped before its remaining sections)"]
+    return "".join(parts)
+
+
+def relatives_summary(out: dict) -> str:
+    """One markdown row per method of a relatives benchmark: its means over the edits (notebooks 06, 07)."""
+    rows = [dict(method=m, **{k: r.get(k) for k in SUMMARY_KEYS}) for m, r in out["methods"].items()]
+    return markdown_table(rows, ["method", *SUMMARY_KEYS])
+
+
+def relatives_markdown(out: dict) -> str:
+    """Tables 1-2 layout: one row per (method, erased set) with every style's ACC, others, distances, ``||dtheta||``,
+    seconds and red-team ACC; then one summary row per method."""
+    evals = list(out["original"])
+    rows = [dict(method="original", erased="-", **out["original"])]
+    for m, r in out["methods"].items():
+        for row in r["rows"]:
+            rows.append(dict(method=m, erased=row["erased"], others=row["others_acc"], dist_e=row["perceptual_erased"],
+                             dist_o=row["perceptual_others"], l1=row["l1"], s=row["seconds"],
+                             redteam=row["redteam_acc"], **row["acc"]))
+    cols = ["method", "erased"] + evals + ["others", "dist_e", "dist_o", "l1", "s", "redteam"]
+    return (f"ACC per style after each edit ({out['images_per_concept']} images per style, {out['sample_steps']} DDIM "
+            f"steps; dist = {out.get('perceptual_metric')} to the original images; redteam = ACC of images from RECE's "
+            "derived embedding)\n\n" + markdown_table(rows, cols) + "\n\nSummary (means over rows)\n\n"
+            + relatives_summary(out))
