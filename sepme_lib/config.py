@@ -47,9 +47,11 @@ PROFILES = {
     # the point of a cell: SepME and G-CiRs train as in "full" in notebooks 02-04 (cap and batch from the method
     # defaults). Only the comparison runs of notebook 06 are cut to `finetune_steps` in ci (it shows the full table).
     # `table_images`: images per style in the live combination tables of notebooks 03-04 (8 subsets x 6 styles).
-    "ci": dict(images_per_concept=6, table_images=6, finetune_steps=10, sample_steps=8, grid=4, n_ref=32),
+    # `sd_cap`: the step cap of SepME/G-CiRs on a Stable Diffusion model in ci (`make test-sd` runs every notebook on
+    # a random-weight SD folder on the CPU: the plumbing is what is tested); None = the method's own cap.
+    "ci": dict(images_per_concept=6, table_images=6, finetune_steps=10, sample_steps=8, grid=4, n_ref=32, sd_cap=20),
     "full": dict(images_per_concept=50, table_images=20, finetune_steps=None, sample_steps=TINY_SAMPLE_STEPS,
-                 grid=8, n_ref=64),
+                 grid=8, n_ref=64, sd_cap=None),
 }
 
 

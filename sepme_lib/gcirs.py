@@ -10,7 +10,7 @@ Every step of :func:`train` (Algorithm 1; Algorithm 2 runs it on decoupled incre
 2. the frozen model's ``r_theta(c_i) = eps_theta(x_t, c_i, t) - eps_theta(x_t, c_0, t)``, without gradient;
 3. the edited model ``theta + sum_g dTheta_g`` in one pass (``torch.func.functional_call``, no UNet copy), skipping
    its empty-prompt pass when every increment protects ``c_0`` (its output then equals the frozen one);
-4. ``L = (1/|active|) sum_i eta_i L_cor_i + lambda * L1`` (Eqs. 2, 3, 11), one Adam step per increment, gradients
+4. ``L = (sum_i eta_i L_cor_i + lambda * L1) / |active|`` (Eqs. 2, 3, 11), one Adam step per increment, gradients
    cleared every step (the authors' code never clears them, so its Adam sees summed gradients: not copied);
 5. each concept's momentum monitor (Eq. 4) sees its own unweighted ``L_cor_i``; when it stops, the concept leaves
    the active set, and an increment whose concepts have all stopped is frozen at that step.
@@ -227,10 +227,11 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
         rs, rns = r.split(s.batch), r_new.split(s.batch)
         lcors = [correlation_loss(a, b) for a, b in zip(rs, rns)]
         etas = eta_weights(rs, rns)  # relative to computed[0] = concept 1
-        loss = sum(etas[j] * lcors[j] for j, i in enumerate(computed) if i in active) / len(active)
+        loss = sum(etas[j] * lcors[j] for j, i in enumerate(computed) if i in active)
         training = [inc for inc in increments if inc.stopped_at is None]
         if s.lam:
             loss = loss + s.lam * sum(inc.l1(s.l1) for inc in training)
+        loss = loss / len(active)  # the authors' joint loss: (sum over active concepts) / their number
         if not torch.isfinite(loss):
             last = [Delta(c.name, "diverged", {k: v.detach().clone() for k, v in increments[owner[i]].dW().items()},
                           model.fingerprint(), s.as_dict(), dict(diverged_at=step)) for i, c in enumerate(concepts)]

@@ -137,3 +137,16 @@ def profile_settings(method: str, prof: dict) -> dict:
     if method == "ablating":
         out.update(n_anchor=8, anchor_steps=prof["sample_steps"])
     return out
+
+
+def course_settings(method: str, model, prof: dict) -> dict:
+    """Overrides of ``method`` in notebooks 02-05 for a profile: none on the bundled model (SepME and G-CiRs train
+    as in full, stopped by Eq. 4, since that is what those notebooks teach); on Stable Diffusion in ``ci`` (random
+    weights on a CPU, ``make test-sd``) the trained methods stop after ``prof["sd_cap"]`` steps."""
+    check_method(method)
+    family = model if isinstance(model, str) else model.family
+    if family == "tiny" or prof.get("sd_cap") is None or method in CLOSED_FORM:
+        return {}
+    if method in ("sepme", "gcirs"):
+        return dict(cap=prof["sd_cap"])
+    return dict(steps=prof["sd_cap"])

@@ -38,7 +38,7 @@ def test_v_prediction_is_converted_to_eps(tiny):
 
 def test_sd_adapter_shapes(tiny_sd):
     emb = tiny_sd.embed(["a photo of a cat"])
-    assert emb.shape == (1, 12, 64)
+    assert emb.shape == (1, 16, 256)
     imgs = torch.rand(2, 3, 32, 32) * 2 - 1
     z = tiny_sd.to_latent(imgs)
     assert z.shape == (2, 4, 8, 8)  # VAE downsamples by 4 here, latents times the scaling factor
