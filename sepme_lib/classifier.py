@@ -1,4 +1,4 @@
-"""Layer 4 -- the judges that turn images into the paper's ACC numbers: the bundled model's concept classifier
+"""The judges that turn images into the paper's ACC numbers: the bundled model's concept classifier
 (style, shape and colour heads) and, for Stable Diffusion, a zero-shot CLIP judge over the paper's style classes.
 
 Introduced in ``notebooks/00_setup_and_tour.ipynb``; used by every evaluation. Both judges have

@@ -1,4 +1,4 @@
-"""Layer 7 -- the closed-form relatives on one solver: UCE, RECE and MACE's closed-form refinement, plus RECE's
+"""The closed-form relatives on one solver: UCE, RECE and MACE's closed-form refinement, plus RECE's
 derived embedding (also the red-team probe of ``evaluate``).
 
 Introduced in ``notebooks/06_relatives_closed_form_and_baselines.ipynb``. Every method edits every attn2 to_k/to_v

@@ -1,4 +1,4 @@
-"""Layer 3 -- concepts: what is erased, the prompts that stand for it, its reference set, its anchors, and the
+"""Concepts: what is erased, the prompts that stand for it, its reference set, its anchors, and the
 concept sets of each model family.
 
 Introduced in ``notebooks/02_gcirs_correlation_loss.ipynb``. A :class:`Concept` carries its prompts (trained on, and

@@ -1,4 +1,4 @@
-"""Layer 0 -- settings in one place: paths, profiles, the device helper, threads, the library version.
+"""Settings in one place: paths, profiles, the device helper, threads, the library version.
 
 Notebooks read ``PROFILE`` from the environment (``ci`` = tiny and fast, ``full`` = paper-sized) and get every
 size from :func:`profile`. Nothing else in the library hard-codes a device or a size. The hyper-parameters of

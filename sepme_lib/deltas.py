@@ -1,4 +1,4 @@
-"""Layer 3 -- weight increments ``Delta`` (one per erased concept): combine, apply, save, load, merge.
+"""Weight increments ``Delta`` (one per erased concept): combine, apply, save, load, merge.
 
 Introduced in ``notebooks/03_weight_decoupling_nullspace.ipynb``. A delta holds full-size tensors ``dW`` keyed by the
 UNet parameter name they add to (``...attn2.to_k.weight``), so that ``theta + sum_i s_i dTheta_i`` is a plain sum

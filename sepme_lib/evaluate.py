@@ -1,4 +1,4 @@
-"""Layer 9 -- evaluation as in the paper's tables: images of a (possibly edited) model, classifier ACC per concept,
+"""Evaluation as in the paper's tables: images of a (possibly edited) model, classifier ACC per concept,
 "others", every combination of increments, restoration drift, how much an edit moves predictions, and the red-team
 probe.
 

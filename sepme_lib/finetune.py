@@ -1,4 +1,4 @@
-"""Layer 7 -- the fine-tuning relatives on one loop: ESD-x, Ablating Concepts, Forget-Me-Not, All-but-One.
+"""The fine-tuning relatives on one loop: ESD-x, Ablating Concepts, Forget-Me-Not, All-but-One.
 
 Introduced in ``notebooks/06_relatives_closed_form_and_baselines.ipynb``. Each trains a full-size ``dW`` (zeros at the
 start) on a chosen parameter set (``params="kv"``: every attn2 to_k/to_v; ``"cross_attention"``: every attn2

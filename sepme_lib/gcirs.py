@@ -1,4 +1,4 @@
-"""Layer 4 -- G-CiRs (paper Sec. 3.1, Eqs. 2-4, Algorithm 1): the concept representation, the correlation loss, the
+"""G-CiRs (paper Sec. 3.1, Eqs. 2-4, Algorithm 1): the concept representation, the correlation loss, the
 eta balance, momentum early stopping, the L1 term, and the one training loop every SepME mode uses.
 
 Introduced in ``notebooks/02_gcirs_correlation_loss.ipynb`` (which writes the loop out once and checks it equals

@@ -1,4 +1,4 @@
-"""Layer 8 -- every erasure method behind one call, ``erase(model, concepts, method=..., **settings)``, and the one
+"""Every erasure method behind one call, ``erase(model, concepts, method=..., **settings)``, and the one
 table of their hyper-parameters per model family.
 
 Introduced in ``notebooks/02_gcirs_correlation_loss.ipynb`` (``method="gcirs"``) and used by every later notebook,

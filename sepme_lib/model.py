@@ -1,4 +1,4 @@
-"""Layer 2 -- the ``T2IModel`` adapter around diffusers / transformers parts, and ``load_model``.
+"""The ``T2IModel`` adapter around diffusers / transformers parts, and ``load_model``.
 
 Introduced in ``notebooks/00_setup_and_tour.ipynb`` and ``notebooks/01_diffusion_basics.ipynb``.
 

@@ -1,4 +1,4 @@
-"""Layer 5 -- weight decoupling (paper Eqs. 5-11): protected prompts, their null space, decoupled increments
+"""Weight decoupling (paper Eqs. 5-11): protected prompts, their null space, decoupled increments
 ``dW_i = beta w_i S_i^T``, the capacity check and the leakage certificate.
 
 Introduced in ``notebooks/03_weight_decoupling_nullspace.ipynb``.

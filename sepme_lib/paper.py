@@ -1,6 +1,6 @@
 """The SepME paper's own numbers on Stable Diffusion 1.4 (ACC only), to show beside ours in notebook 07.
 
-Transcribed from Tables 1, 2 and 4 of Zhao et al. (2024), ``shared/papers/sepme_...txt``. The paper's
+Transcribed from Tables 1, 2 and 4 of Zhao et al. (2024), *Separable Multi-Concept Erasure from Diffusion Models*. The paper's
 artists map onto the world's styles in the order they are erased: Van Gogh -> striped (concept 1),
 Cezanne -> checkered (concept 2), Picasso -> dotted (concept 3).
 """

@@ -1,4 +1,4 @@
-"""Layer 2 -- perceptual distance between original and edited images -- SSIM, 1-SSIM and (offline) LPIPS.
+"""Perceptual distance between original and edited images -- SSIM, 1-SSIM and (offline) LPIPS.
 
 Introduced in ``notebooks/05_interactive_combination.ipynb`` (original vs edited view of
 ``theta + sum_i s_i dTheta_i``) and used by ``evaluate``-style tables. The paper reports how much an

@@ -1,4 +1,4 @@
-"""Layer 1 -- tables for people: markdown tables of results, their HTML form, and the benchmark reports.
+"""Tables for people: markdown tables of results, their HTML form, and the benchmark reports.
 
 Used by the notebooks (``IPython.display.Markdown(markdown_table(...))``), ``bench`` and ``course``. Plain Python:
 it imports nothing from the rest of the library.

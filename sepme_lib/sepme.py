@@ -1,4 +1,4 @@
-"""Layer 6 -- SepME (paper Sec. 3.2, Algorithm 2): one increment ``dTheta_i`` per concept, in separate, joint and
+"""SepME (paper Sec. 3.2, Algorithm 2): one increment ``dTheta_i`` per concept, in separate, joint and
 iterative modes; restoration is leaving an increment out.
 
 Introduced in ``notebooks/03_weight_decoupling_nullspace.ipynb`` (separate mode, written out once in the notebook)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from . import config, world
 from .classifier import HEADS, ConceptClassifier
@@ -60,7 +61,6 @@ def main(argv=None):
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.steps)
     t0 = time.time()
-    from tqdm.auto import tqdm
     for step in tqdm(range(args.steps), desc="classifier"):
         specs = world.random_specs(args.batch, rng)
         x = augment(torch.from_numpy(world.render(specs, seed=int(rng.integers(2**31)))), g)

@@ -1,4 +1,4 @@
-"""Layer 10 -- the interactive combination widget -- ``theta + sum_i s_i dTheta_i`` with live ACC and leakage.
+"""The interactive combination widget -- ``theta + sum_i s_i dTheta_i`` with live ACC and leakage.
 
 Introduced in ``notebooks/05_interactive_combination.ipynb``. SepME's increments are separable (paper
 Sec. 3.2, Eqs. 5-10): because ``A_j dW_i^T = 0`` for every concept ``j != i`` (Eq. 7, the null-space

@@ -260,7 +260,7 @@ def sample_batch(n: int, rng: np.random.Generator, p_drop_colour=0.2, p_drop_sha
 
 
 def reference_images(concept: str, n: int, seed: int = 0) -> np.ndarray:
-    """World renders of ``concept`` in [-1, 1]: the x_0 reference set of the erasure losses (DESIGN.md)."""
+    """World renders of ``concept`` in [-1, 1]: the x_0 reference set of the erasure losses (``concepts.make_concept``)."""
     kind = concept_kind(concept)
     rng = np.random.default_rng(seed)
     if kind == "style":
