@@ -18,6 +18,10 @@ import torch
 
 VERSION = "0.2.0"
 
+# The course's GitHub repository (OWNER/NAME): the one place the Colab badges and install cells of the notebooks read
+# it from. `python -m sepme_lib.course set-repo OWNER/NAME` rewrites this line, every badge and every install cell.
+REPO = "sepme-course/sepme-course"
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,6 +124,22 @@ def get_device(prefer: str | None = None) -> torch.device:
             raise ValueError(f"device {want!r} cannot run the models (it holds no data); use 'cpu' or 'cuda'")
         return dev
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(model: str, device) -> str | None:
+    """The precision to load ``model`` in on ``device`` (pass it to ``load_model(..., dtype=)``): ``None`` (float32)
+    for the bundled model and on a CPU; on CUDA for Stable Diffusion ``"bf16"`` where the GPU supports it (Ampere
+    and later), else ``"fp16"`` (a T4). ``$SEPME_DTYPE`` (``fp32``, ``fp16``, ``bf16``) overrides it. Notebooks 05-07
+    load the model this way; the README's "Running on a GPU" gives the memory and times."""
+    want = os.environ.get("SEPME_DTYPE", "").strip().lower()
+    if want:
+        if want not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"SEPME_DTYPE must be fp32, fp16 or bf16, got {want!r}")
+        return None if want == "fp32" else want
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if str(model) == "tiny" or dev.type != "cuda":
+        return None
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 set_threads()  # honour SEPME_THREADS on import

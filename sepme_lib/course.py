@@ -1,54 +1,340 @@
-"""Run the whole course: ``python -m sepme_lib.course`` (what ``make course`` calls).
+"""The course's notebooks as files: run them, execute them in place, check them, point them at a repository.
 
-Executes every ``notebooks/NN_*.ipynb`` in order with the current Python (``PROFILE`` from the
-environment, ``full`` by default), writes the executed notebooks and an HTML rendering of each into
-``build/``, and ``build/report.html``: one page with the run times, links, and every table the notebooks
-printed.
+``python -m sepme_lib.course <command>`` (``make course``, ``make notebooks``, ``make test-sd`` call it):
+
+* ``run`` (the default) -- execute every ``notebooks/NN_*.ipynb`` in order with the current environment (``PROFILE``,
+  ``MODEL``, ...) into ``build/`` with an HTML rendering of each and ``build/report.html`` (run times, links, every
+  table the notebooks printed); exit status 1 if any notebook failed.
+* ``execute [NB ...]`` -- re-execute notebooks **in place** in the ``ci`` profile on the CPU with the bundled model
+  (what is committed, so that every figure, table and number shows on the repository page and nbval has stored
+  outputs to compare), and record the library version, profile and a hash of the code cells in the metadata.
+* ``check [NB ...]`` -- the committed notebooks are executed and current: one top-to-bottom run (execution counts
+  1, 2, 3, ...), no error output, stored outputs on every ``# NBVAL_CHECK_OUTPUT`` cell, the recorded version
+  equal to ``sepme_lib.__version__`` and the recorded code hash equal to the code now in the cells (edit a cell
+  without re-executing and this fails), the Colab badge and install cell of ``config.REPO``, the kernel
+  ``python3``, cell ids (nbformat 4.5), a title, checked exercises, outputs under ``MAX_OUTPUT_BYTES``.
+* ``set-repo OWNER/NAME`` -- write ``config.REPO`` and rewrite every notebook's badge and install cell.
+* ``test-sd`` -- build a random-weight Stable Diffusion folder (``random_sd``) in a temporary directory and run every
+  notebook on it (``MODEL``/``SEPME_CLIP`` set, ``PROFILE=ci``, CPU): the plumbing of the SD path, not its numbers.
+* ``install-cell`` -- print the Colab install cell.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import html
+import json
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from . import config
+from . import config, random_sd
 from .report import md_table_to_html
 
+NOTEBOOKS = config.ROOT / "notebooks"
+PATTERN = "[0-9][0-9]_*.ipynb"
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+MARKER = "# NBVAL_CHECK_OUTPUT"
+MAX_OUTPUT_BYTES = 1_000_000
+REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*/[A-Za-z0-9._-]+$")
+BADGE_RE = re.compile(r"https://colab\.research\.google\.com/github/[^)\s]+?/blob/main/notebooks/([^)\s]+\.ipynb)")
+INSTALL_FIRST_LINE = "# Colab only (elsewhere this cell does nothing)"
+INSTALL_CELL = '''\
+# Colab only (elsewhere this cell does nothing): clone the course, pip-install it, and import it in this kernel.
+import importlib, os, subprocess, sys
+REPO = "{repo}"  # set everywhere by `python -m sepme_lib.course set-repo OWNER/NAME`
+try:
+    import google.colab  # noqa: F401  (exists only on Colab)
+    ON_COLAB = True
+except ImportError:
+    ON_COLAB = False
+if ON_COLAB:
+    HOME = os.environ.get("SEPME_HOME", "/content/sepme-course")
+    if not os.path.isdir(os.path.join(HOME, "sepme_lib")):
+        url = os.environ.get("SEPME_CLONE_URL", f"https://github.com/{{REPO}}")
+        subprocess.run(["git", "clone", "-q", "--depth", "1", url, HOME], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", HOME], check=True)
+    if HOME not in sys.path:
+        sys.path.insert(0, HOME)  # importable now, without restarting the kernel; data/ is found next to it
+    importlib.invalidate_caches()
+    from google.colab import output
+    output.enable_custom_widget_manager()  # ipywidgets 8 (notebook 05's widget)'''
 
-def run(notebooks_dir: Path, out_dir: Path, pattern: str = "[0-9][0-9]_*.ipynb", timeout: int = 3600) -> list[dict]:
+
+# ------------------------------------------------------------------------------------------ badge, install cell
+def install_cell(repo: str | None = None) -> str:
+    """The install cell every notebook opens with (its first code cell), for ``repo`` (default ``config.REPO``)."""
+    return INSTALL_CELL.format(repo=repo or config.REPO)
+
+
+def badge_url(name: str, repo: str | None = None) -> str:
+    """The Colab URL of ``notebooks/<name>`` in ``repo`` (default ``config.REPO``)."""
+    return f"https://colab.research.google.com/github/{repo or config.REPO}/blob/main/notebooks/{name}"
+
+
+def badge(name: str, repo: str | None = None) -> str:
+    """The markdown Colab badge of ``notebooks/<name>``."""
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({badge_url(name, repo)})"
+
+
+def _is_install_cell(cell) -> bool:
+    return cell.cell_type == "code" and ("google.colab" in cell.source or cell.source.startswith(INSTALL_FIRST_LINE))
+
+
+def install_cell_index(nb) -> int | None:
+    """Index of the install cell: the first code cell, if it mentions ``google.colab``."""
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    return code[0] if code and _is_install_cell(nb.cells[code[0]]) else None
+
+
+def set_repo(repo: str, notebooks=None, config_path: Path | None = None) -> dict:
+    """Point the course at ``repo`` (OWNER/NAME): rewrite ``REPO = ...`` in ``config.py``, every notebook's Colab
+    badge, and every install cell. Returns ``{"config": changed?, "notebooks": [names changed]}``."""
     import nbformat
-    from nbconvert import HTMLExporter
+
+    if not isinstance(repo, str) or not REPO_RE.match(repo):
+        raise ValueError(f"expected OWNER/NAME (a GitHub repository, e.g. my-org/sepme-course), got {repo!r}")
+    config_path = Path(config_path or Path(config.__file__))
+    text = config_path.read_text()
+    new = re.sub(r'^REPO = "[^"]*"', f'REPO = "{repo}"', text, count=1, flags=re.M)
+    if 'REPO = "' not in text:
+        raise ValueError(f"{config_path} has no line REPO = \"...\" to rewrite")
+    if new != text:
+        config_path.write_text(new)
+    changed = []
+    for path in notebook_paths(notebooks):
+        nb = nbformat.read(path, as_version=4)
+        before = json.dumps(nb, sort_keys=True)
+        for cell in nb.cells:
+            if cell.cell_type == "markdown":
+                cell.source = BADGE_RE.sub(lambda m: badge_url(m.group(1), repo), cell.source)
+        i = install_cell_index(nb)
+        if i is not None:
+            nb.cells[i].source = install_cell(repo)
+        if json.dumps(nb, sort_keys=True) != before:
+            nbformat.write(nb, path)
+            changed.append(path.name)
+    return {"config": new != text, "notebooks": changed}
+
+
+# ------------------------------------------------------------------------------------------ metadata
+def code_hash(nb) -> str:
+    """A hash of the code cells' sources, the install cell excepted (it runs only on Colab and ``set-repo`` rewrites
+    it): recorded by :func:`execute`, compared by :func:`check`."""
+    h = hashlib.sha256()
+    skip = install_cell_index(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and i != skip:
+            h.update(cell.source.strip().encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def normalise(nb, profile: str = "ci") -> None:
+    """Kernel ``python3``, nbformat 4.5 with a stable id on every cell, no per-cell timing, and the run's record in
+    ``metadata["sepme"]`` (library version, profile, code hash)."""
+    nb.nbformat, nb.nbformat_minor = 4, 5
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    seen = set()
+    for k, cell in enumerate(nb.cells):
+        cid = cell.get("id")
+        if not cid or cid in seen:
+            cid = f"cell-{k:02d}-" + hashlib.sha1(cell.source.encode()).hexdigest()[:8]
+        cell["id"] = cid
+        seen.add(cid)
+        cell.metadata.pop("execution", None)
+    nb.metadata["sepme"] = {"version": config.VERSION, "profile": profile, "code_sha256": code_hash(nb)}
+
+
+def notebook_paths(notebooks=None) -> list[Path]:
+    """Notebook paths from names/paths/numbers (``"05"``), or every ``notebooks/NN_*.ipynb``."""
+    if not notebooks:
+        paths = sorted(NOTEBOOKS.glob(PATTERN))
+    else:
+        paths = []
+        for n in notebooks:
+            p = Path(n)
+            if not p.exists():
+                hits = sorted(NOTEBOOKS.glob(f"{n}*.ipynb")) if re.fullmatch(r"\d\d", str(n)) else []
+                if len(hits) != 1:
+                    raise FileNotFoundError(f"no notebook {n!r} (give a path, or a number such as 05)")
+                p = hits[0]
+            paths.append(p)
+    if not paths:
+        raise FileNotFoundError(f"no notebooks matching {PATTERN} in {NOTEBOOKS}")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ execution
+def _execute(nb, path: Path, timeout: int):
+    """Run ``nb`` in a fresh ``python3`` kernel with the notebook's folder as working directory; returns the error
+    text or ``None``."""
     from nbconvert.preprocessors import ExecutePreprocessor
 
+    ep = ExecutePreprocessor(timeout=timeout, kernel_name="python3", record_timing=False)
+    try:
+        ep.preprocess(nb, {"metadata": {"path": str(path.parent)}})
+    except Exception as e:  # noqa: BLE001 - reported by the caller
+        return error_text(e)
+    return None
+
+
+def ci_environment() -> dict:
+    """The environment committed outputs come from: ``PROFILE=ci``, the bundled model, the CPU."""
+    env = dict(PROFILE="ci", SEPME_DEVICE="cpu", MODEL="tiny", RECOMPUTE="0")
+    return env
+
+
+def execute(notebooks=None, timeout: int = 1800) -> list[dict]:
+    """Re-execute notebooks in place in the ci profile (``make notebooks``); a failing notebook is not written."""
+    import nbformat
+
+    old = {k: os.environ.get(k) for k in ci_environment()}
+    os.environ.update(ci_environment())
+    os.environ.pop("SEPME_CLIP", None)
+    results = []
+    try:
+        for path in notebook_paths(notebooks):
+            nb = nbformat.read(path, as_version=4)
+            t0 = time.time()
+            err = _execute(nb, path, timeout)
+            dt = time.time() - t0
+            if err is None:
+                normalise(nb, "ci")
+                nbformat.write(nb, path)
+            print(f"{path.name}: {dt:.0f} s" + (f"  FAILED (not written)\n{err}" if err else ""), flush=True)
+            results.append(dict(name=path.name, seconds=round(dt, 1), error=err))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return results
+
+
+def run(notebooks_dir: Path, out_dir: Path, pattern: str = PATTERN, timeout: int = 3600, html_out: bool = True
+        ) -> list[dict]:
+    """Execute every notebook in order with the current environment into ``out_dir`` (``make course``)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = sorted(notebooks_dir.glob(pattern))
+    paths = sorted(Path(notebooks_dir).glob(pattern))
     if not paths:
         raise FileNotFoundError(f"no notebooks matching {pattern} in {notebooks_dir}")
     results = []
     for p in paths:
-        print(f"running {p.name} (PROFILE={os.environ.get('PROFILE', 'full')}) ...", flush=True)
+        print(f"running {p.name} (PROFILE={os.environ.get('PROFILE', 'full')}, MODEL={config.model_name()}) ...",
+              flush=True)
         nb = nbformat.read(p, as_version=4)
         t0 = time.time()
-        ep = ExecutePreprocessor(timeout=timeout, kernel_name="python3")
-        error = None
-        try:
-            ep.preprocess(nb, {"metadata": {"path": str(p.parent)}})
-        except Exception as e:  # noqa: BLE001 - recorded in the report, the run goes on
-            error = error_text(e)
+        error = _execute(nb, p, timeout)
+        if error:
             print(f"  FAILED in {p.name}:\n{error}", flush=True)
         dt = time.time() - t0
         nbformat.write(nb, out_dir / p.name)
-        body, _ = HTMLExporter().from_notebook_node(nb)
-        (out_dir / p.with_suffix(".html").name).write_text(body)
+        if html_out:
+            body, _ = HTMLExporter().from_notebook_node(nb)
+            (out_dir / p.with_suffix(".html").name).write_text(body)
         results.append(dict(name=p.stem, seconds=round(dt, 1), error=error, nb=nb))
         print(f"  {dt:.0f} s -> {out_dir / p.name}", flush=True)
     return results
 
 
+def run_on_random_sd(out_dir: Path | None = None, pattern: str = PATTERN) -> list[dict]:
+    """Every notebook on a random-weight SD 1.x folder (``make test-sd``): ``PROFILE=ci``, CPU, ``MODEL`` and
+    ``SEPME_CLIP`` pointing at ``random_sd.build_folder``'s pipeline and CLIP judge in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="sepme-sd-") as tmp:
+        t0 = time.time()
+        folders = random_sd.build_folder(Path(tmp) / "rsd")
+        print(f"random SD folder in {time.time() - t0:.0f} s: {folders['pipeline']}", flush=True)
+        env = dict(MODEL=str(folders["pipeline"]), SEPME_CLIP=str(folders["clip"]), PROFILE="ci", SEPME_DEVICE="cpu")
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return run(NOTEBOOKS, Path(out_dir or Path(tmp) / "out"), pattern, timeout=900, html_out=False)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _output_bytes(cell) -> int:
+    return len(json.dumps(cell.get("outputs", [])))
+
+
+def check_notebook(path: Path) -> list[str]:
+    """Problems of one committed notebook (empty list: it is executed, current and consistent; see the module
+    docstring for what is checked)."""
+    import nbformat
+
+    raw = json.loads(Path(path).read_text())
+    nb = nbformat.reads(json.dumps(raw), as_version=4)
+    name, bad = Path(path).name, []
+    if (raw.get("nbformat"), raw.get("nbformat_minor")) != (4, 5):
+        bad.append(f"nbformat {raw.get('nbformat')}.{raw.get('nbformat_minor')}, expected 4.5 (with cell ids)")
+    ids = [c.get("id") for c in raw.get("cells", [])]
+    if not all(ids) or len(set(ids)) != len(ids):
+        bad.append("cells without ids or with repeated ids (JupyterLab would add them and mark the notebook modified)")
+    if raw.get("metadata", {}).get("kernelspec") != KERNELSPEC:
+        bad.append(f"kernelspec {raw.get('metadata', {}).get('kernelspec')}, expected {KERNELSPEC}")
+    cells = nb.cells
+    first = cells[0].source if cells and cells[0].cell_type == "markdown" else ""
+    if not re.match(rf"# {name[:2]} · \S", first):
+        bad.append(f"the first cell is not a title '# {name[:2]} · ...'")
+    if badge_url(name) not in first:
+        bad.append(f"no Colab badge for {config.REPO} in the title cell (python -m sepme_lib.course set-repo)")
+    i = install_cell_index(nb)
+    if i is None or cells[i].source != install_cell():
+        bad.append("the first code cell is not the install cell of course.install_cell() "
+                   "(python -m sepme_lib.course set-repo OWNER/NAME rewrites it)")
+    code = [c for c in cells if c.cell_type == "code"]
+    if not any("parameters" in c.metadata.get("tags", []) for c in code):
+        bad.append("no code cell tagged 'parameters'")
+    empty = [k for k, c in enumerate(cells) if c.cell_type == "code" and not c.source.strip()]
+    if empty:
+        bad.append(f"empty code cells at {empty}")
+    counts = [c.get("execution_count") for c in code if c.source.strip()]
+    if counts != list(range(1, len(counts) + 1)):
+        bad.append(f"not one top-to-bottom run: execution counts {counts[:12]}{'...' if len(counts) > 12 else ''} "
+                   "(run `make notebooks`)")
+    errors = [k for k, c in enumerate(cells) for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    if errors:
+        bad.append(f"error outputs in cells {errors}")
+    unchecked = [k for k, c in enumerate(cells) if c.cell_type == "code" and c.source.startswith(MARKER)
+                 and not c.get("outputs")]
+    if unchecked:
+        bad.append(f"{MARKER} cells without stored output (nbval would check nothing): {unchecked}")
+    if not any(c.source.startswith(MARKER) for c in code):
+        bad.append(f"no {MARKER} cell")
+    rec = nb.metadata.get("sepme", {})
+    if rec.get("version") != config.VERSION:
+        bad.append(f"executed with sepme_lib {rec.get('version')}, the library is {config.VERSION} (make notebooks)")
+    if rec.get("profile") != "ci":
+        bad.append(f"executed in profile {rec.get('profile')!r}; commit the ci run (make notebooks)")
+    if rec.get("code_sha256") != code_hash(nb):
+        bad.append("code cells changed since the notebook was executed: its outputs are stale (make notebooks)")
+    ex = [k for k, c in enumerate(cells) if c.cell_type == "markdown" and re.search(r"^## Exercises", c.source, re.M)]
+    if not ex or not any(c.cell_type == "code" and "assert" in c.source for c in cells[ex[-1]:]):
+        bad.append("no '## Exercises' section followed by a checking cell (assert)")
+    size = sum(_output_bytes(c) for c in cells)
+    if size > MAX_OUTPUT_BYTES:
+        bad.append(f"outputs are {size / 1e6:.1f} MB (> {MAX_OUTPUT_BYTES / 1e6:.1f} MB): smaller figures")
+    return bad
+
+
+def check(notebooks=None) -> dict:
+    """``{name: [problems]}`` of :func:`check_notebook` for every notebook (``make check-notebooks``)."""
+    return {p.name: check_notebook(p) for p in notebook_paths(notebooks)}
+
+
+# ------------------------------------------------------------------------------------------ report
 def tables_of(nb) -> list[str]:
     """The markdown/HTML tables a notebook displayed, as HTML snippets."""
     out = []
@@ -76,7 +362,7 @@ def write_report(results, out_dir: Path) -> Path:
     parts = ["<html><head><meta charset='utf-8'><title>sepme-course report</title><style>"
              "body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse;margin:8px 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style></head><body>",
-             f"<h1>sepme-course: executed course (PROFILE={prof})</h1><ul>"]
+             f"<h1>sepme-course: executed course (PROFILE={prof}, MODEL={html.escape(config.model_name())})</h1><ul>"]
     for r in results:
         status = "ok" if not r["error"] else f"<b>FAILED</b><pre>{html.escape(r['error'])}</pre>"
         parts.append(f"<li><a href='{r['name']}.html'>{r['name']}</a> ({r['seconds']} s) {status}</li>")
@@ -91,17 +377,62 @@ def write_report(results, out_dir: Path) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------------ command line
+COMMANDS = ("run", "execute", "check", "set-repo", "test-sd", "install-cell")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m sepme_lib.course", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="every notebook in order into build/ with report.html (make course)")
+    r.add_argument("--notebooks", type=Path, default=NOTEBOOKS)
+    r.add_argument("--out", type=Path, default=config.ROOT / "build")
+    r.add_argument("--pattern", default=PATTERN)
+    e = sub.add_parser("execute", help="re-execute notebooks in place, ci profile, CPU (make notebooks)")
+    e.add_argument("notebooks", nargs="*", help="paths or numbers (05); default: all")
+    c = sub.add_parser("check", help="committed notebooks are executed and current")
+    c.add_argument("notebooks", nargs="*")
+    s = sub.add_parser("set-repo", help="write config.REPO and rewrite every badge and install cell")
+    s.add_argument("repo", help="OWNER/NAME of the GitHub repository")
+    t = sub.add_parser("test-sd", help="every notebook on a random-weight SD folder, ci profile (make test-sd)")
+    t.add_argument("--pattern", default=PATTERN)
+    sub.add_parser("install-cell", help="print the Colab install cell")
+    return ap
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--notebooks", type=Path, default=config.ROOT / "notebooks")
-    ap.add_argument("--out", type=Path, default=config.ROOT / "build")
-    ap.add_argument("--pattern", default="[0-9][0-9]_*.ipynb")
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv = ["run"] + argv  # `python -m sepme_lib.course [--out ...]` runs the course, as before
+    args = parser().parse_args(argv)
     t0 = time.time()
-    results = run(args.notebooks, args.out, args.pattern)
-    report = write_report(results, args.out)
-    print(f"\nexecuted notebooks and HTML in {args.out}/; report: {report} ({time.time() - t0:.0f} s)")
-    return 1 if any(r["error"] for r in results) else 0
+    if args.command == "install-cell":
+        print(install_cell())
+        return 0
+    if args.command == "set-repo":
+        out = set_repo(args.repo)
+        print(f"REPO = {args.repo!r} in config.py ({'changed' if out['config'] else 'unchanged'}); badges and install "
+              f"cells rewritten in {len(out['notebooks'])} notebook(s): {', '.join(out['notebooks']) or '-'}")
+        return 0
+    if args.command == "check":
+        problems = {k: v for k, v in check(args.notebooks).items() if v}
+        for name, bad in problems.items():
+            print(f"{name}:\n  - " + "\n  - ".join(bad))
+        print("all notebooks executed and current" if not problems else f"{len(problems)} notebook(s) need work")
+        return 1 if problems else 0
+    if args.command == "execute":
+        results = execute(args.notebooks)
+    elif args.command == "test-sd":
+        results = run_on_random_sd(pattern=args.pattern)
+    else:
+        results = run(args.notebooks, args.out, args.pattern)
+        print(f"report: {write_report(results, args.out)}")
+    failed = [r["name"] for r in results if r["error"]]
+    times = ", ".join(f"{r['name'][:2]} {r['seconds']:.0f} s" for r in results)
+    print(f"\n{len(results)} notebook(s) in {time.time() - t0:.0f} s ({times}); "
+          + (f"FAILED: {', '.join(failed)}" if failed else "no failures"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
