@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 from contextlib import contextmanager
@@ -177,7 +178,7 @@ def _scales(deltas, scales):
         raise ValueError(f"{len(deltas)} deltas but {len(scales)} scales; give one scale per delta")
     out = []
     for n, s in zip(names, scales):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) and not (isinstance(s, torch.Tensor) and s.numel() == 1):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) and not (isinstance(s, torch.Tensor) and s.numel() == 1):
             raise TypeError(f"the scale of delta {n!r} must be a number, got {s!r}")
         s = float(s)
         if not math.isfinite(s):
@@ -203,6 +204,7 @@ def edited_weights(model, deltas, scales=None) -> dict:
     deltas = list(deltas)
     for d in deltas:
         d.check_base(model)
+        d.check_finite()
     total = combine(deltas, scales)
     params = dict(model.unet.named_parameters())
     # in float32, then cast to the base weights' dtype (fp16 on a GPU)
