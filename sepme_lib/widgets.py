@@ -1,42 +1,41 @@
-"""The interactive combination widget -- ``theta + sum_i s_i dTheta_i`` with live ACC and leakage.
+"""Layer 10 -- the interactive combination widget -- ``theta + sum_i s_i dTheta_i`` with live ACC and leakage.
 
 Introduced in ``notebooks/05_interactive_combination.ipynb``. SepME's increments are separable (paper
 Sec. 3.2, Eqs. 5-10): because ``A_j dW_i^T = 0`` for every concept ``j != i`` (Eq. 7, the null-space
 property), the combined model ``theta + sum_{i in S} s_i dTheta_i`` (the paper's evaluation, Sec. 4,
 "DMs with theta + sum_{i in {j,k}} dTheta_i eliminate c_j and c_k") acts on concept ``j``'s prompts exactly like
 ``theta + s_j dTheta_j`` when ``j`` is in ``S`` and like ``theta`` when it is not. The widget lets you switch
-each ``dTheta_i`` on and off, set its strength ``s_i``, pick a prompt and a seed, and see the images, the
-classifier's ACC on them and the leakage certificate ``||A dW^T|| / ||A W^T||`` (``nullspace.leakage``) of the
-combined increment on the prompt, on ``c_0`` and on the concepts that are switched off.
+each ``dTheta_i`` on and off, set its strength ``s_i``, pick a prompt and a seed, and see the original and the
+edited images side by side, the judge's ACC on them and the leakage certificate ``||A dW^T|| / ||A W^T||``
+(``nullspace.leakage``) of the combined increment on the prompt, on ``c_0`` and on the concepts switched off.
+It works for every model family: the concepts, prompts and labels come from ``concepts.concept_set(model)`` and the
+judge (the bundled classifier, or the zero-shot CLIP judge of Stable Diffusion).
 
 All logic is in plain functions, unit-tested in ``tests/test_widgets.py``:
 
-* :func:`scales_from_controls` -- checkboxes + sliders -> the scales ``s_i`` (0 when unchecked);
-* :func:`prompt_targets` -- which style/shape/colour a world prompt asks for (what ACC is measured against);
-* :func:`render_state` -- sample the grid of the combined model, classify it, measure leakage and time;
-* :func:`render_comparison` -- the same plus the original model's images (cached) and their perceptual
-  distance (``perceptual.perceptual_distance``: LPIPS when its weights are on disk, else 1-SSIM);
-* :func:`format_readout`, :func:`grid_image`, :func:`png_bytes` -- the readout text and the PNG grids;
-* :func:`benchmark_refresh` -- measures the widget's refresh time and prints it.
+:func:`scales_from_controls` (checkboxes + sliders -> ``s_i``), :func:`prompt_targets` (the classes a prompt asks
+for; words the model does not know get no inferred class, no silent "blank"), :func:`render_state` (sample, classify,
+leakage, time), :func:`render_comparison` (the same beside the cached original, with their perceptual distance),
+:func:`format_readout`, :func:`warning_text`, :func:`grid_image` (tiles >= ``MIN_TILE`` px), :func:`png_bytes`,
+:func:`benchmark_refresh` (refresh time).
 
-:class:`CombinationWidget` only wires ipywidgets controls to these functions.
+:class:`CombinationWidget` only wires ipywidgets controls to these functions: while it re-renders, the readout says
+so (no stale numbers); an error replaces the readout with the message and marks the images as not updated.
 
-Refresh time (measured with :func:`benchmark_refresh`, 4 images, on a shared 2-core CPU while other jobs kept its
-load average at 5-6): ``WIDGET_STEPS = 8`` DDIM steps -> 1.4-1.5 s per refresh with one torch thread (sampling is
-~85% of it; leakage, classifier and PNGs ~0.2 s); 10 steps -> 2.1 s; at 20 steps sampling alone took 2.3-2.4 s.
-With two torch threads on that overloaded machine a refresh took 16-35 s (thread oversubscription): on a shared
-CPU set ``SEPME_THREADS=1`` (``config.set_threads``); ``python -m sepme_lib.bench widgets`` with the bundled increments
-then measured 0.55-0.73 s per refresh (one thread, the other core busy), 1.4-2.5 s with two threads. The classifier's
-ACC of the bundled model's concepts is 1.00 at 6, 8, 10 and 20 steps, so 8 steps lose nothing visible. Pass
-``steps=`` to trade speed for quality; on a GPU any step count is interactive.
+Refresh time (:func:`benchmark_refresh`, 4 images, ``WIDGET_STEPS = 8`` DDIM steps, 2-core CPU shared with other
+jobs): 0.55-0.73 s with ``SEPME_THREADS=1`` (``python -m sepme_lib.bench widgets``), 1.4-2.5 s with two threads
+(oversubscribed). The classifier's ACC of the bundled model's concepts is 1.00 at 6, 8, 10 and 20 steps, so 8 steps
+lose nothing visible; pass ``steps=`` to trade speed for quality (on a GPU any step count is interactive).
 """
 from __future__ import annotations
 
 import html
 import io
 import math
+import re
 import statistics
 import time
+import warnings
 
 import ipywidgets as W
 import numpy as np
@@ -46,6 +45,7 @@ from PIL import Image
 
 from . import world
 from .classifier import HEADS, predict
+from .concepts import concept_set
 from .deltas import combine, edited_weights
 from .nullspace import leakage
 from .perceptual import perceptual_distance
@@ -53,12 +53,18 @@ from .perceptual import perceptual_distance
 WIDGET_STEPS = 8       # DDIM steps per refresh (see the module docstring for the measurement)
 WIDGET_GUIDANCE = None  # None -> the model's own guidance (config.TINY_GUIDANCE for the bundled model)
 SCALE_RANGE = (-1.0, 2.0)
-UPSCALE = 4            # 32x32 images are shown 128x128 (nearest neighbour)
+MIN_TILE = 128         # every image is shown at least this many pixels wide (32x32 images: 4x, nearest neighbour)
+MAX_TILE = 256         # larger images (Stable Diffusion's 512x512) are shown downscaled to this width
+SLIDER_WIDTH = "520px"  # the whole slider row: description 90 px + track (>= 300 px) + readout
 
 
 # ------------------------------------------------------------------------------------------ controls
 def _value(x):
     return getattr(x, "value", x)
+
+
+def _family(model) -> str:
+    return "tiny" if model is None else model.family
 
 
 def scales_from_controls(checks, sliders) -> list[float]:
@@ -84,15 +90,20 @@ def scales_from_controls(checks, sliders) -> list[float]:
     return out
 
 
-def default_prompts(deltas, extra: int = 2) -> list[str]:
-    """Prompt choices for the widget: one evaluation prompt per delta that names a world concept, then
-    ``extra`` prompts of world concepts that no delta erases (to see that they stay put)."""
+def default_prompts(deltas, extra: int = 2, model=None) -> list[str]:
+    """Prompt choices: one per delta naming a concept of the model's concept set, then ``extra`` of concepts no delta
+    erases. World (``model=None`` too): "a red circle in striped style"; SD: "a painting in the style of <artist>"."""
     names = [d.name for d in deltas]
+    if _family(model) != "tiny":
+        cs = concept_set(model)
+        known = [n for n in names if n in cs.evaluate and n != "blank"]
+        pool = [c for c in cs.evaluate if c != "blank" and c not in names][:extra]
+        return [cs.prompts(n, 2)[1] for n in known + pool]
     out = []
     for n in names:
         try:
             out.append(world.eval_specs(n, 1)[0].caption())
-        except ValueError:  # not a world concept (e.g. a Stable Diffusion delta): no default prompt for it
+        except ValueError:  # not a world concept: no default prompt for it
             continue
     kinds = {world.concept_kind(n) for n in names if n in world.STYLES or n in world.SHAPES} or {"style"}
     pool = [c for k in sorted(kinds) for c in (world.STYLES[1:] if k == "style" else world.SHAPES) if c not in names]
@@ -101,16 +112,36 @@ def default_prompts(deltas, extra: int = 2) -> list[str]:
     return out
 
 
-def prompt_targets(prompt: str) -> dict:
-    """``{head: class or None}`` that a world prompt asks for: ``"a red star in striped style"`` ->
-    ``{"style": "striped", "shape": "star", "colour": "red"}``; a prompt with a shape or colour but no style
-    phrase asks for ``"blank"``; words the world does not know give ``None`` (no ACC for that head)."""
+def unknown_words(prompt: str, model=None) -> list[str]:
+    """Words of ``prompt`` the model never saw (``model.unknown_words``; ``model=None``: the world's vocabulary)."""
+    if model is not None:
+        return list(model.unknown_words(prompt))
+    return [w for w in prompt.lower().replace(",", " ").split() if w not in world.VOCABULARY]
+
+
+def _found(prompt: str, label: str) -> bool:
+    return re.search(rf"(?<![a-z]){re.escape(label.lower())}(?![a-z])", prompt.lower()) is not None
+
+
+def prompt_targets(prompt: str, judge=None, model=None) -> dict:
+    """``{head: class or None}`` that a prompt asks for: the class each of the judge's heads should see.
+
+    World (``model=None`` or the bundled model, the classifier's heads): ``"a red star in striped style"`` ->
+    ``{"style": "striped", "shape": "star", "colour": "red"}``; a prompt with a shape or colour but no style phrase
+    asks for ``"blank"``. Stable Diffusion (the CLIP judge's ``style`` head): the artist named in the prompt, else
+    ``"blank"``. A head whose classes the prompt names twice gets ``None`` (no ACC), and so does every class that would
+    only be *inferred* ("blank") when the prompt has words the model never saw: the widget warns about them instead
+    of scoring them silently."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    words = prompt.lower().replace(",", " ").split()
-    found = {k: [w for w in words if w in HEADS[k]] for k in HEADS}
+    labels = dict(judge.heads_labels) if judge is not None else dict(HEADS)
+    found = {k: [lab for lab in v if lab != "blank" and _found(prompt, lab)] for k, v in labels.items()}
     out = {k: (v[0] if len(v) == 1 else None) for k, v in found.items()}
-    if out["style"] is None and not found["style"] and (out["shape"] or out["colour"] or world.GENERIC_NOUN in words):
+    if unknown_words(prompt, model) or "style" not in labels or "blank" not in labels["style"] or found["style"]:
+        return out
+    if _family(model) != "tiny":
+        out["style"] = "blank"
+    elif any(out.get(k) for k in ("shape", "colour")) or world.GENERIC_NOUN in prompt.lower().split():
         out["style"] = "blank"
     return out
 
@@ -131,25 +162,29 @@ def _check_render_args(deltas, scales, prompt, seed, n):
     return scales
 
 
+def _concept_prompt(model, name: str):
+    """The main prompt of ``name`` in the model's concept set (``None`` if the set does not know it)."""
+    cs = concept_set(model)
+    if name == "blank" or (name not in cs.evaluate and not (cs.family == "tiny" and name in world.SHAPES)):
+        return None
+    return cs.prompts(name, 1)[0]
+
+
 def leakage_readout(model, deltas, scales, prompt: str) -> dict:
     """Leakage certificate of the combined increment ``sum_i s_i dW_i`` (``nullspace.leakage``, notebook 03):
 
     ``{"prompt": on the chosen prompt, "c0": on the empty prompt, "off": {name: on the main prompt of each
-    switched-off world concept}}``. For SepME_1 increments "c0" and "off" are at float precision (~1e-7):
+    switched-off concept}}``. For SepME_1 increments "c0" and "off" are at float precision (~1e-6):
     the combination leaves the concepts you did not erase exactly as the original model had them.
     All zero when every scale is 0."""
-    off_names = [d.name for d, s in zip(deltas, scales) if s == 0.0 and _is_world_concept(d.name)]
-    off_prompts = {n: world.concept_prompt(n) for n in off_names}
+    off_prompts = {d.name: _concept_prompt(model, d.name) for d, s in zip(deltas, scales) if s == 0.0}
+    off_prompts = {k: v for k, v in off_prompts.items() if v is not None}
     if not any(s != 0.0 for s in scales):
-        return dict(prompt=0.0, c0=0.0, off={n: 0.0 for n in off_names})
+        return dict(prompt=0.0, c0=0.0, off={n: 0.0 for n in off_prompts})
     total = combine(deltas, scales)
     probe = [prompt, ""] + [p for p in off_prompts.values() if p not in (prompt, "")]
     lk = leakage(model, total, list(dict.fromkeys(probe)))
     return dict(prompt=lk[prompt], c0=lk[""], off={n: lk[p] for n, p in off_prompts.items()})
-
-
-def _is_world_concept(name: str) -> bool:
-    return (name in world.STYLES and name != "blank") or name in world.SHAPES
 
 
 def classify_readout(clf, images, targets: dict) -> tuple[dict, dict]:
@@ -158,30 +193,30 @@ def classify_readout(clf, images, targets: dict) -> tuple[dict, dict]:
     if clf is None:
         return {}, {}
     pred = predict(clf, images)
-    acc = {h: sum(p == t for p in pred[h]) / len(pred[h]) for h, t in targets.items() if t is not None}
+    acc = {h: sum(p == t for p in pred[h]) / len(pred[h]) for h, t in targets.items() if t is not None and h in pred}
     return acc, pred
 
 
 @torch.no_grad()
 def render_state(model, clf, deltas, scales, prompt: str, seed: int = 0, n: int = 4, steps: int | None = WIDGET_STEPS,
                  guidance: float | None = WIDGET_GUIDANCE) -> dict:
-    """Render ``theta + sum_i s_i dTheta_i`` for one prompt: what the widget shows after every change.
-
-    Samples ``n`` images of ``prompt`` with seeds ``seed .. seed+n-1`` (same seeds -> same start noise,
-    so states are comparable image by image), classifies them and measures leakage.
-    Returns ``dict(images (n,3,H,W) in [0,1], acc {head: ACC}, predicted {head: [labels]}, targets,
-    leakage (see :func:`leakage_readout`), seconds (wall time of this call), scales, prompt, seed, steps)``.
-    """
+    """Render ``theta + sum_i s_i dTheta_i`` for one prompt (what the widget shows after every change): ``n`` images
+    with seeds ``seed .. seed+n-1`` (the same start noise in every state), classified, with leakage. Returns
+    ``dict(images (n,3,H,W) in [0,1], acc {head: ACC}, predicted {head: [labels]}, targets, unknown (words the model
+    never saw), leakage (:func:`leakage_readout`), seconds, scales, prompt, seed, steps)``."""
     deltas = list(deltas)
     scales = _check_render_args(deltas, scales, prompt, seed, n)
     t0 = time.perf_counter()
     weights = edited_weights(model, deltas, scales) if any(s != 0.0 for s in scales) else None
-    images = model.sample([prompt] * n, seeds=range(seed, seed + n), steps=steps, guidance=guidance, weights=weights)
-    targets = prompt_targets(prompt)
+    with warnings.catch_warnings():  # unknown words: reported in the state (the widget shows them), not in the log
+        warnings.simplefilter("ignore", UserWarning)
+        images = model.sample([prompt] * n, seeds=range(seed, seed + n), steps=steps, guidance=guidance,
+                              weights=weights)
+        leak = leakage_readout(model, deltas, scales, prompt)
+    targets = prompt_targets(prompt, clf, model)
     acc, pred = classify_readout(clf, images, targets)
-    leak = leakage_readout(model, deltas, scales, prompt)
-    return dict(images=images, acc=acc, predicted=pred, targets=targets, leakage=leak,
-                seconds=time.perf_counter() - t0, scales=dict(zip([d.name for d in deltas], scales)),
+    return dict(images=images, acc=acc, predicted=pred, targets=targets, unknown=unknown_words(prompt, model),
+                leakage=leak, seconds=time.perf_counter() - t0, scales=dict(zip([d.name for d in deltas], scales)),
                 prompt=prompt, seed=int(seed), steps=steps)
 
 
@@ -209,24 +244,36 @@ def render_comparison(model, clf, deltas, scales, prompt: str, seed: int = 0, n:
 
 
 # ------------------------------------------------------------------------------------------ display
-def grid_image(images, ncols: int | None = None, upscale: int = UPSCALE, gap: int = 2, background=255):
-    """A PIL image: ``images`` (N,3,H,W) in [0,1] tiled ``ncols`` wide, each upscaled (nearest) ``upscale``x."""
+def tile_scale(size: int, min_tile: int = MIN_TILE, max_tile: int = MAX_TILE) -> float:
+    """The factor an image of ``size`` pixels is shown at: enlarged (whole factors) to at least ``min_tile`` pixels,
+    reduced to at most ``max_tile``."""
+    if size < min_tile:
+        return float(-(-min_tile // size))
+    return min(1.0, max_tile / size)
+
+
+def grid_image(images, ncols: int | None = None, upscale: float | None = None, gap: int = 2, background=255):
+    """A PIL image: ``images`` (N,3,H,W) in [0,1] tiled ``ncols`` wide, each scaled ``upscale`` times (default
+    :func:`tile_scale`: small images enlarged nearest-neighbour to >= ``MIN_TILE`` pixels, large ones reduced)."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a (N, 3, H, W) tensor in [0, 1], got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    if upscale < 1 or gap < 0:
-        raise ValueError(f"upscale must be >= 1 and gap >= 0, got upscale={upscale}, gap={gap}")
     n, _, h, w = images.shape
+    upscale = tile_scale(max(h, w)) if upscale is None else upscale
+    if not upscale > 0 or gap < 0:
+        raise ValueError(f"upscale must be > 0 and gap >= 0, got upscale={upscale}, gap={gap}")
     ncols = min(ncols or n, n)
     nrows = -(-n // ncols)
-    H, W = h * upscale, w * upscale
-    canvas = np.full((nrows * H + (nrows - 1) * gap, ncols * W + (ncols - 1) * gap, 3), background, np.uint8)
+    H, Wd = max(1, round(h * upscale)), max(1, round(w * upscale))
+    canvas = Image.new("RGB", (ncols * Wd + (ncols - 1) * gap, nrows * H + (nrows - 1) * gap), (background,) * 3)
     arr = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
     for k in range(n):
         r, c = divmod(k, ncols)
-        tile = arr[k].repeat(upscale, 0).repeat(upscale, 1)
-        canvas[r * (H + gap):r * (H + gap) + H, c * (W + gap):c * (W + gap) + W] = tile
-    return Image.fromarray(canvas)
+        tile = Image.fromarray(arr[k])
+        if (H, Wd) != (h, w):
+            tile = tile.resize((Wd, H), Image.NEAREST if upscale >= 1 else Image.LANCZOS)
+        canvas.paste(tile, (c * (Wd + gap), r * (H + gap)))
+    return canvas
 
 
 def png_bytes(img) -> bytes:
@@ -236,15 +283,28 @@ def png_bytes(img) -> bytes:
     return buf.getvalue()
 
 
+def warning_text(state: dict) -> str:
+    """The widget's warning line ('' if none): words the model never saw (spelled letter by letter by its
+    tokenizer) and the heads that get no ACC because of them."""
+    if not state.get("unknown"):
+        return ""
+    none = [h for h, t in state["targets"].items() if t is None]
+    return (f"unknown word(s) {', '.join(map(repr, state['unknown']))}: the model never saw them (its tokenizer "
+            f"spells them letter by letter)" + (f"; no ACC for {', '.join(none)}" if none else ""))
+
+
 def format_readout(state: dict, comparison: dict | None = None) -> str:
     """The widget's live readout as plain text lines (the widget wraps it in ``<pre>``)."""
     on = [f"{k} x{v:.2f}" for k, v in state["scales"].items() if v != 0.0]
     lines = [f"theta + {' + '.join(on) if on else '(nothing: the original model)'}",
              f"prompt: {state['prompt']!r}  seeds {state['seed']}..{state['seed'] + len(state['images']) - 1}"]
+    warn = warning_text(state)
+    if warn:
+        lines.append("WARNING: " + warn)
     if state["acc"]:
         lines.append("ACC: " + ", ".join(f"{h} {state['targets'][h]!r} {a:.2f}" for h, a in state["acc"].items()))
     else:
-        lines.append("ACC: - (no classifier, or the prompt names no world concept)")
+        lines.append("ACC: - (no judge, or the prompt names no class the judge knows)")
     lk = state["leakage"]
     off = ", ".join(f"{k} {v:.1e}" for k, v in lk["off"].items()) or "-"
     lines.append(f"leakage ||A dW^T||/||A W^T||: prompt {lk['prompt']:.1e} | c0 {lk['c0']:.1e} | switched-off: {off}")
@@ -255,12 +315,17 @@ def format_readout(state: dict, comparison: dict | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------ widget
+def _pre(text: str, colour: str = "#000") -> str:  # the readout's HTML
+    return f"<pre style='font-size:11px;color:{colour};white-space:pre-wrap;margin:0'>{html.escape(text)}</pre>"
+
+
 class CombinationWidget:
-    """Checkbox + strength slider per ``dTheta_i``, a prompt box, a seed, the grid of
-    ``theta + sum_i s_i dTheta_i``, the live readout, and an original-vs-edited side-by-side view.
+    """Checkbox + strength slider per ``dTheta_i``, a prompt box, a seed, the original and the edited images side
+    by side (``theta`` | ``theta + sum_i s_i dTheta_i``), a warning line and the live readout.
 
     Only wiring: every number comes from :func:`render_comparison` / :func:`format_readout`. Display it
-    with ``display(w)`` (or ``w.ui``); ``w.update()`` re-renders and returns the comparison dict.
+    with ``display(w)`` (or ``w.ui``); ``w.update()`` re-renders and returns the comparison dict. While it renders
+    the readout says so; an error shows its message there (no old numbers) and marks the images as not updated.
     """
 
     def __init__(self, model, clf, deltas, prompts=None, n: int = 4, seed: int = 0, steps: int | None = WIDGET_STEPS,
@@ -270,55 +335,73 @@ class CombinationWidget:
             raise ValueError("CombinationWidget needs at least one delta (a list of Delta objects)")
         for d in self.deltas:
             d.check_base(model)
-        prompts = list(prompts) if prompts is not None else default_prompts(self.deltas)
+        prompts = list(prompts) if prompts is not None else default_prompts(self.deltas, model=model)
         if not prompts:
-            raise ValueError("no prompts to offer: pass prompts=[...] (deltas that are not world concepts have no "
-                             "default prompt)")
+            raise ValueError("no prompts to offer: pass prompts=[...] (deltas that are not concepts of the model's "
+                             "concept set have no default prompt)")
         _check_render_args(self.deltas, [0.0] * len(self.deltas), prompts[0], seed, n)
         self.n, self.steps, self.guidance, self.metric = n, steps, guidance, metric
         self.cache: dict = {}
         self.last = None
         lo, hi = scale_range
         self.checks = [W.Checkbox(value=True, description=f"Δθ {d.name}", indent=False,
-                                  layout=W.Layout(width="160px")) for d in self.deltas]
+                                  layout=W.Layout(width="170px")) for d in self.deltas]
         self.sliders = [W.FloatSlider(value=1.0, min=lo, max=hi, step=0.05, description="strength s",
-                                      continuous_update=False, readout_format=".2f") for _ in self.deltas]
+                                      continuous_update=False, readout_format=".2f",
+                                      layout=W.Layout(width=SLIDER_WIDTH), style={"description_width": "90px"})
+                        for _ in self.deltas]
         self.prompt = W.Combobox(value=prompts[0], options=prompts, ensure_option=False, description="prompt",
-                                 continuous_update=False, layout=W.Layout(width="420px"))
+                                 continuous_update=False, layout=W.Layout(width="460px"))
         self.seed = W.BoundedIntText(value=seed, min=0, max=2 ** 31 - 1, description="seed",
                                      layout=W.Layout(width="160px"))
-        self.grid = W.Image(format="png")
         self.original_img, self.edited_img = W.Image(format="png"), W.Image(format="png")
-        self.readout = W.HTML()
+        self.grid = self.edited_img  # the edited images (the name earlier versions used)
+        self.original_caption = W.HTML("<b>original θ</b>")
+        self.edited_caption = W.HTML(self._edited_title())
+        self.warning = W.HTML("")
+        self.readout = W.HTML(_pre("not rendered yet"))
         for w in self.checks + self.sliders + [self.prompt, self.seed]:
             w.observe(self._on_change, names="value")
         rows = [W.HBox([c, s]) for c, s in zip(self.checks, self.sliders)]
-        side = W.HBox([W.VBox([W.HTML("<b>original θ</b>"), self.original_img]),
-                       W.VBox([W.HTML("<b>edited θ + Σ s<sub>i</sub>Δθ<sub>i</sub></b>"), self.edited_img])])
+        side = W.HBox([W.VBox([self.original_caption, self.original_img]),
+                       W.VBox([self.edited_caption, self.edited_img])], layout=W.Layout(gap="16px"))
         self.ui = W.VBox([W.HTML("<b>θ + Σ<sub>i</sub> s<sub>i</sub> Δθ<sub>i</sub></b>"), *rows,
-                          W.HBox([self.prompt, self.seed]), self.grid, self.readout,
-                          W.Accordion(children=[side], titles=("original vs edited",))])
+                          W.HBox([self.prompt, self.seed]), self.warning, side, self.readout])
+        self.ui.add_class("sepme-combination-widget")
+
+    def _edited_title(self, note: str = "") -> str:
+        return "<b>edited θ + Σ s<sub>i</sub>Δθ<sub>i</sub></b>" + (f" <i style='color:#b00'>{note}</i>" if note else "")
 
     def scales(self) -> list[float]:
         return scales_from_controls(self.checks, self.sliders)
 
+    def _show_warning(self, prompt: str) -> None:
+        words = unknown_words(prompt, self.model)
+        self.warning.value = ("" if not words else
+                              f"<div style='background:#fff3cd;color:#664d03;padding:2px 6px;font-size:12px'>⚠ "
+                              f"{html.escape(warning_text(dict(unknown=words, targets={})))}</div>")
+
     def update(self) -> dict:
         """Re-render from the controls' current values; returns :func:`render_comparison`'s dict."""
-        comp = render_comparison(self.model, self.clf, self.deltas, self.scales(), self.prompt.value.strip(),
-                                 int(self.seed.value), self.n, self.steps, self.guidance, self.cache, self.metric)
-        edited = comp["edited"]
-        self.grid.value = png_bytes(grid_image(edited["images"], ncols=self.n))
+        prompt = self.prompt.value.strip()
+        self.readout.value = _pre("rendering ... (the numbers will appear here when the new images are ready)", "#777")
+        self.edited_caption.value = self._edited_title("rendering ...")
+        self._show_warning(prompt)
+        comp = render_comparison(self.model, self.clf, self.deltas, self.scales(), prompt, int(self.seed.value),
+                                 self.n, self.steps, self.guidance, self.cache, self.metric)
         self.original_img.value = png_bytes(grid_image(comp["original"]["images"], ncols=2))
-        self.edited_img.value = png_bytes(grid_image(edited["images"], ncols=2))
-        self.readout.value = "<pre style='font-size:11px'>" + html.escape(format_readout(edited, comp)) + "</pre>"
+        self.edited_img.value = png_bytes(grid_image(comp["edited"]["images"], ncols=2))
+        self.edited_caption.value = self._edited_title()
+        self.readout.value = _pre(format_readout(comp["edited"], comp))
         self.last = comp
         return comp
 
     def _on_change(self, change):
         try:
             self.update()
-        except (ValueError, TypeError, KeyError) as e:  # bad input from a control: show it, keep the last grid
-            self.readout.value = f"<pre style='color:#b00'>{html.escape(str(e))}</pre>"
+        except Exception as e:  # noqa: BLE001 - any failure is shown in the widget, not in the kernel log
+            self.edited_caption.value = self._edited_title("not updated: the last change failed")
+            self.readout.value = _pre(f"could not render this state: {type(e).__name__}: {e}", "#b00")
 
     def _ipython_display_(self):
         display(self.ui)
@@ -337,11 +420,8 @@ def benchmark_refresh(model, clf, deltas, n: int = 4, steps: int | None = WIDGET
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    w = widget
-    if w is None:
-        w = CombinationWidget(model, clf, deltas, prompts=[prompt] if prompt else None, n=n, steps=steps)
-        w.update()
-    elif w.last is None:
+    w = widget or CombinationWidget(model, clf, deltas, prompts=[prompt] if prompt else None, n=n, steps=steps)
+    if w.last is None:
         w.update()
     box = w.checks[0]
     start = box.value

@@ -1,7 +1,10 @@
 """The combination widget's logic (notebook 05) as plain functions, plus the thin ipywidgets wiring."""
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sepme_lib import erase, perceptual, widgets, world
 from sepme_lib.deltas import edited_weights
@@ -192,3 +195,115 @@ def test_bench_widgets_runs_on_the_bundled_increments(capsys):
     out = bench.bench_widgets(repeats=1)
     assert len(out["seconds"]) == 1 and out["n"] == 4 and out["steps"] == widgets.WIDGET_STEPS
     assert "widget refresh, 4 images" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ readable, never stale
+def test_unknown_words_get_no_silent_blank(tiny):
+    # a known shape with an unknown style word: no style target (it used to be scored against "blank")
+    assert widgets.prompt_targets("a red star in wavy style")["style"] is None
+    assert widgets.prompt_targets("a pink star", model=tiny) == dict(style=None, shape="star", colour=None)
+    assert widgets.prompt_targets("a red star", model=tiny)["style"] == "blank"
+    assert widgets.unknown_words("a pink star", tiny) == ["pink"]
+
+
+def test_warning_and_readout_name_unknown_words(tiny, clf, ds):
+    st = widgets.render_state(tiny, clf, ds, [1.0, 0.0], "a pink star", seed=0, n=1, steps=STEPS)
+    assert st["unknown"] == ["pink"] and "style" not in st["acc"] and st["acc"]["shape"] >= 0
+    warn = widgets.warning_text(st)
+    assert "'pink'" in warn and "no ACC for style" in warn
+    assert "WARNING: unknown word(s) 'pink'" in widgets.format_readout(st)
+    known = widgets.render_state(tiny, clf, ds, [1.0, 0.0], "a red star", seed=0, n=1, steps=STEPS)
+    assert widgets.warning_text(known) == "" and "WARNING" not in widgets.format_readout(known)
+
+
+def test_images_are_at_least_min_tile_pixels():
+    assert widgets.tile_scale(32) == 4 and widgets.tile_scale(128) == 1 and widgets.tile_scale(512) == 0.5
+    small = widgets.grid_image(torch.rand(4, 3, 32, 32), ncols=2)
+    assert small.size == (2 * 128 + 2, 2 * 128 + 2)
+    big = widgets.grid_image(torch.rand(2, 3, 512, 512), ncols=2)
+    assert big.size == (2 * 256 + 2, 256)
+
+
+def _all_children(w):
+    out = [w]
+    for c in getattr(w, "children", ()):
+        out += _all_children(c)
+    return out
+
+
+def test_widget_shows_before_and_after_by_default_with_wide_sliders(tiny, clf, ds):
+    ipw = pytest.importorskip("ipywidgets")
+    w = widgets.CombinationWidget(tiny, clf, ds, n=2, steps=STEPS)
+    parts = _all_children(w.ui)
+    assert not any(isinstance(p, ipw.Accordion) for p in parts)  # nothing collapsed
+    assert w.original_img in parts and w.edited_img in parts
+    total = int(widgets.SLIDER_WIDTH.rstrip("px"))
+    desc = int(w.sliders[0].style.description_width.rstrip("px"))
+    assert total - desc - 70 >= 300  # the track (70 px: the readout) is at least 300 px wide
+    w.update()
+    for img in (w.original_img, w.edited_img):
+        assert Image.open(io.BytesIO(img.value)).size[0] >= 2 * 64
+
+
+def test_readout_is_never_stale(tiny, clf, ds, monkeypatch):
+    pytest.importorskip("ipywidgets")
+    w = widgets.CombinationWidget(tiny, clf, ds, n=2, steps=STEPS)
+    w.update()
+    assert "ACC" in w.readout.value
+    seen = {}
+    real = widgets.render_comparison
+
+    def spy(*a, **k):  # what the widget shows while it renders
+        seen["readout"], seen["caption"] = w.readout.value, w.edited_caption.value
+        return real(*a, **k)
+
+    monkeypatch.setattr(widgets, "render_comparison", spy)
+    w.sliders[0].value = 0.5
+    assert "rendering" in seen["readout"] and "ACC" not in seen["readout"] and "rendering" in seen["caption"]
+    assert "ACC" in w.readout.value and "rendering" not in w.edited_caption.value
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(widgets, "render_comparison", broken)
+    w.sliders[0].value = 0.7
+    assert "out of memory" in w.readout.value and "ACC" not in w.readout.value and "leakage" not in w.readout.value
+    assert "not updated" in w.edited_caption.value
+    monkeypatch.setattr(widgets, "render_comparison", real)
+    w.sliders[0].value = 0.8
+    assert "ACC" in w.readout.value and "not updated" not in w.edited_caption.value
+
+
+def test_widget_warns_about_unknown_words(tiny, clf, ds):
+    pytest.importorskip("ipywidgets")
+    w = widgets.CombinationWidget(tiny, clf, ds, n=1, steps=STEPS)
+    w.prompt.value = "a pink star"
+    assert "pink" in w.warning.value and "WARNING" in w.readout.value
+    w.prompt.value = "a red star"
+    assert w.warning.value == ""
+
+
+@pytest.fixture(scope="session")
+def sd_setup(tiny_sd, tmp_path_factory):
+    from sepme_lib import random_sd
+    from sepme_lib.classifier import load_classifier
+
+    folders = random_sd.build_folder(tmp_path_factory.mktemp("rsd"))
+    judge = load_classifier(model=tiny_sd, path=folders["clip"])
+    ds = erase(tiny_sd, ["Van Gogh", "Cezanne"], method="sepme", n_ref=2, cap=2, batch=1)
+    return judge, ds
+
+
+def test_widget_on_stable_diffusion(tiny_sd, sd_setup):
+    """The same widget on the SD family: the artists' prompts, the CLIP judge's style head, the SD concept set."""
+    pytest.importorskip("ipywidgets")
+    judge, ds = sd_setup
+    ps = widgets.default_prompts(ds, model=tiny_sd)
+    assert ps[:2] == ["a painting in the style of Van Gogh", "a painting in the style of Cezanne"] and len(ps) == 4
+    assert widgets.prompt_targets(ps[0], judge, tiny_sd) == {"style": "Van Gogh"}
+    assert widgets.prompt_targets("a photo of a cat", judge, tiny_sd) == {"style": "blank"}
+    w = widgets.CombinationWidget(tiny_sd, judge, ds, n=1, steps=1)
+    comp = w.update()
+    assert set(comp["edited"]["acc"]) == {"style"} and comp["edited"]["unknown"] == []
+    w.checks[1].value = False
+    assert set(w.last["edited"]["leakage"]["off"]) == {"Cezanne"} and w.last["edited"]["leakage"]["off"]["Cezanne"] < 1e-4
