@@ -18,10 +18,10 @@ LAYERS = [
     ["classifier", "gcirs", "lora"],
     ["nullspace"],
     ["sepme"],
-    ["closed_form", "finetune"],
+    ["closed_form", "finetune", "speed"],
     ["methods"],
     ["evaluate", "separability"],
-    ["widgets", "speed"],
+    ["widgets"],
     ["train_tiny", "train_classifier"],
     ["bench", "course", "random_sd", "cli", "scaleout", "__main__"],
 ]
