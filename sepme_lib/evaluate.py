@@ -18,6 +18,7 @@ from .classifier import accuracy
 from .closed_form import derive_embedding, kv_weights
 from .concepts import concept_set
 from .deltas import combine, edited_weights
+from .nullspace import leakage
 
 
 def eval_prompts(model, concept: str, n: int, seed: int = 0) -> list[str]:
@@ -102,6 +103,28 @@ def summarise(rows, original, delta_names) -> dict:
                     drift.append(abs(a - original[c]))
     return dict(erased_acc_max=max(erased, default=float("nan")), others_ratio_min=min(ratios, default=float("nan")),
                 restoration_drift_max=max(drift, default=0.0))
+
+
+EMPTY_LABEL = "c_∅"
+
+
+def leakage_table(model, deltas, concepts) -> dict:
+    """Leakage certificates of SepME increments (notebook 03): ``{delta name: {"c_∅": x, concept name: x, ...}}``.
+
+    Each entry is ``nullspace.leakage`` (``max_l ||A dW_l^T|| / ||A W_l^T||``, the relative change of the keys and
+    values) maximised over the prompts of the column: the empty prompt ``c_∅``, or every prompt of a concept
+    (:class:`~sepme_lib.concepts.Concept`). A SepME_1 increment's protected columns (``c_∅`` and the other concepts)
+    sit at float precision; its own concept's column shows how far it moves that concept."""
+    deltas, concepts = list(deltas), list(concepts)
+    if not deltas or not concepts:
+        raise ValueError("leakage_table needs at least one delta and one concept")
+    out = {}
+    for d in deltas:
+        row = {EMPTY_LABEL: leakage(model, d, [""])[""]}
+        for c in concepts:
+            row[c.name] = max(leakage(model, d, c.prompts).values())
+        out[d.name] = row
+    return out
 
 
 def others_mean(acc: dict, erased) -> float:

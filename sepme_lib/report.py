@@ -26,6 +26,28 @@ def markdown_table(rows, columns, header=None) -> str:
     return "\n".join(out)
 
 
+def combination_markdown(tab: dict, names=None) -> str:
+    """A combination table (``evaluate.combination_table``) in the layout of the paper's Tables 3-5 (notebooks 03-04):
+    one row per evaluated concept, one column per model ``theta + sum_{i in S} dTheta_i`` (``theta`` first). A bold
+    cell is a concept erased in that column. ``names``: the increments in order (default: as they first appear in the
+    rows); the caption says which ``dTheta_i`` is which."""
+    rows = tab["rows"]
+    names = list(names) if names is not None else list(dict.fromkeys(n for r in rows for n in r["subset"]))
+    index = {n: i + 1 for i, n in enumerate(names)}
+    unknown = sorted({n for r in rows for n in r["subset"]} - set(index))
+    if unknown:
+        raise ValueError(f"the table has increments {unknown} that are not in names={names}")
+    header = ["concept", "θ"] + ["θ" + "".join(f" + Δθ{index[n]}" for n in sorted(r["subset"], key=index.get))
+                                 for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c, a in tab["original"].items():
+        cells = [fmt(a)] + [f"**{fmt(r['acc'][c])}**" if c in r["subset"] else fmt(r["acc"][c]) for r in rows]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    legend = ", ".join(f"Δθ{i} = {n}" for n, i in index.items())
+    return f"ACC of each concept (rows) under each model (columns); {legend}; **bold** = erased in that column.\n\n" + \
+        "\n".join(lines)
+
+
 def md_table_to_html(md: str) -> str:
     """The tables (and the caption lines) of a markdown snippet as HTML."""
     rows, pre = [], []

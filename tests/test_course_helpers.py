@@ -1,0 +1,88 @@
+"""Helpers the notebooks 00-04 use: readable image grids, the leakage heat map and table, the Tables 3-5 layout."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+
+from sepme_lib import evaluate, plots, report
+
+
+def test_grid_images_are_at_least_min_px_and_titles_wrap():
+    imgs = torch.rand(6, 3, 32, 32)
+    titles = ["a very long prompt about a red triangle in checkered style"] * 6
+    fig = plots.show_grid(imgs, titles, ncols=3)
+    fig.canvas.draw()  # images keep their aspect: positions are final after a draw
+    ax = fig.axes[0]
+    w_px = ax.get_window_extent().width
+    assert w_px >= plots.MIN_PX - 1, f"image drawn {w_px:.0f} px wide"
+    assert "\n" in ax.get_title(), "long titles are wrapped to the image width"
+    # titles of neighbouring rows do not overlap the images above them
+    top = fig.axes[3]
+    title_box = top.title.get_window_extent(fig.canvas.get_renderer())
+    above = fig.axes[0].get_window_extent()
+    assert title_box.y1 <= above.y0 + 1
+
+
+def test_grid_column_titles_and_row_labels():
+    imgs = torch.rand(6, 3, 32, 32)
+    fig = plots.show_grid(imgs, ncols=3, col_titles=["a", "b", "c"], row_labels=["theta", "theta + d1"])
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"]
+    assert all(ax.get_title() == "" for ax in fig.axes[3:])
+    with pytest.raises(ValueError, match="column titles"):
+        plots.show_grid(imgs, ncols=3, col_titles=["a"])
+    with pytest.raises(ValueError, match="one title per image"):
+        plots.show_grid(imgs, ["x"])
+    with pytest.raises(ValueError, match="row labels"):
+        plots.show_grid(imgs, ncols=3, row_labels=["only one"])
+
+
+def test_wrap_title_and_layout():
+    assert plots.wrap_title("short", 80) == "short"
+    assert plots.wrap_title("x" * 100, 80).count("\n") >= 2
+    nrows, ncols, cell = plots.grid_layout(10, 4, scale=0.5)
+    assert (nrows, ncols) == (3, 4) and cell * plots.DPI >= plots.MIN_PX
+    with pytest.raises(ValueError):
+        plots.grid_layout(0, 4)
+
+
+def test_heatmap_writes_every_value():
+    fig = plots.heatmap({"d1": {"c": 1e-7, "x": 0.3}, "d2": {"c": 2e-8, "x": 1e-7}})
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert {"1.0e-07", "3.0e-01", "2.0e-08"} <= texts
+    with pytest.raises(ValueError):
+        plots.heatmap({})
+
+
+def test_combination_markdown_layout():
+    tab = dict(original={"blank": 1.0, "a": 1.0, "b": 0.5},
+               rows=[dict(subset=["a"], acc={"blank": 1.0, "a": 0.0, "b": 0.5}),
+                     dict(subset=["b"], acc={"blank": 0.9, "a": 1.0, "b": 0.0}),
+                     dict(subset=["a", "b"], acc={"blank": 0.9, "a": 0.0, "b": 0.0})])
+    md = report.combination_markdown(tab)
+    lines = md.splitlines()
+    assert "Δθ1 = a, Δθ2 = b" in lines[0]
+    assert lines[2] == "| concept | θ | θ + Δθ1 | θ + Δθ2 | θ + Δθ1 + Δθ2 |"
+    assert lines[5] == "| a | 1.00 | **0.00** | 1.00 | **0.00** |"
+    with pytest.raises(ValueError, match="not in names"):
+        report.combination_markdown(tab, names=["a"])
+
+
+def test_leakage_table_of_bundled_increments(tiny):
+    from sepme_lib import sepme
+
+    ds = sepme.bundled_deltas(tiny)
+    from sepme_lib.concepts import Concept
+
+    prompts = {d.name: [p for p in ds[(k + 1) % 3].info["protected"] if d.name in p] for k, d in enumerate(ds)}
+    cs = [Concept(d.name, prompts[d.name], torch.zeros(1, 48, 8, 8)) for d in ds]
+    tab = evaluate.leakage_table(tiny, ds, cs)
+    assert list(tab) == [d.name for d in ds]
+    for d in ds:
+        row = tab[d.name]
+        assert row[evaluate.EMPTY_LABEL] < 1e-5
+        assert all(row[o.name] < 1e-5 for o in cs if o.name != d.name), row
+        assert row[d.name] > 1e-3, "an increment changes its own concept's keys/values"
+    with pytest.raises(ValueError):
+        evaluate.leakage_table(tiny, [], cs)
