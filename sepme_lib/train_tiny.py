@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -26,11 +27,15 @@ TINY_TOKENS = 16  # tokenizer length of the bundled model: short, so that null s
 
 
 # ------------------------------------------------------------------------------------ training loss
-def diffusion_loss(unet, alphas_cumprod, x0, emb, t, noise, prediction_type="v_prediction", snr_gamma=None):
+def diffusion_loss(unet, alphas_cumprod, x0, emb, t, noise, prediction_type="v_prediction", snr_gamma=None,
+                   weights=None):
     """The denoising loss the model is trained with (notebook 01): ``x_t = sqrt(abar) x_0 + sqrt(1-abar) eps``
     and ``|| out(x_t, c, t) - target ||^2`` with target ``eps`` (epsilon) or ``v = sqrt(abar) eps -
     sqrt(1-abar) x_0`` (v_prediction). ``snr_gamma`` applies min-SNR weights ``min(SNR, g) / (SNR + 1)``
-    (for v-prediction) or ``min(SNR, g) / SNR`` (for epsilon)."""
+    (for v-prediction) or ``min(SNR, g) / SNR`` (for epsilon). ``weights``: parameters by name that replace the
+    UNet's (``torch.func.functional_call``), so that notebook 01 can train a few of them on any model, Stable
+    Diffusion included, without copying the UNet; inputs are cast to the UNet's dtype and the output back to
+    float32 (no-ops for the float32 bundled model)."""
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     if prediction_type == "v_prediction":
@@ -39,7 +44,12 @@ def diffusion_loss(unet, alphas_cumprod, x0, emb, t, noise, prediction_type="v_p
         target = noise
     else:
         raise ValueError(f"unsupported prediction type {prediction_type!r}")
-    pred = unet(xt, t, encoder_hidden_states=emb).sample
+    dt = unet.dtype
+    if weights:
+        pred = functional_call(unet, weights, (xt.to(dt), t), {"encoder_hidden_states": emb.to(dt)}, strict=False)
+    else:
+        pred = unet(xt.to(dt), t, encoder_hidden_states=emb.to(dt))
+    pred = pred.sample.float()
     per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     if snr_gamma:
         snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])

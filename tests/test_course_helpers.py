@@ -86,3 +86,41 @@ def test_leakage_table_of_bundled_increments(tiny):
         assert row[d.name] > 1e-3, "an increment changes its own concept's keys/values"
     with pytest.raises(ValueError):
         evaluate.leakage_table(tiny, [], cs)
+
+
+def test_diffusion_loss_with_replaced_weights(tiny):
+    from sepme_lib import train_tiny
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, *tiny.latent_shape, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.tensor([100, 700])
+    emb = tiny.embed(["a red star", ""])
+    args = (tiny.unet, tiny.alphas_cumprod, x0, emb, t, noise, tiny.prediction_type)
+    plain = train_tiny.diffusion_loss(*args)
+    names = tiny.cross_attention_param_names()
+    same = {k: p.detach().clone().requires_grad_(True) for k, p in tiny.params(names).items()}
+    replaced = train_tiny.diffusion_loss(*args, weights=same)
+    assert torch.allclose(plain, replaced, rtol=1e-6, atol=0), "the UNet's own weights give the same loss"
+    replaced.backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in same.values())
+    assert all(not p.requires_grad for p in tiny.unet.parameters()), "the frozen UNet stays frozen"
+
+
+def test_make_concepts_passes_sampling_steps(tiny_sd):
+    from sepme_lib import concepts
+
+    calls = []
+    sample = tiny_sd.sample
+
+    def spy(*a, **k):
+        calls.append(k.get("steps"))
+        return sample(*a, **k)
+
+    tiny_sd.sample = spy
+    try:
+        cs = concepts.concept_set(tiny_sd)
+        made = concepts.make_concepts(tiny_sd, cs.erase[:1], n_ref=2, steps=2)
+    finally:
+        del tiny_sd.sample
+    assert calls == [2] and made[0].latents.shape[0] == 2
