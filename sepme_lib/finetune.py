@@ -93,11 +93,12 @@ def _name(concepts) -> str:
 
 
 def finetune(model, concepts, s: dict, step_loss, method: str, progress: bool, latents=None,
-             extra_info=None) -> Delta:
+             extra_info=None, checkpoint=None) -> Delta:
     """Shared loop of the fine-tuning relatives: trainable ``dW`` (zeros) on ``s["params"]``; every step draws
     ``s["batch"]`` reference latents per concept (``latents[i]`` if given, else the concept's own), ``t ~ U{0..T-1}``
     and fresh noise, one of the concept's prompts per image, and minimises ``step_loss(X, T, E, idx, weights)``
-    with Adam (gradients cleared every step)."""
+    with Adam (gradients cleared every step). ``checkpoint``: a ``checkpoint.Checkpoint`` to save the state to every
+    few steps and resume from (``None``: exactly the loop without it)."""
     t0 = time.time()
     gen = torch.Generator().manual_seed(s["seed"])
     base = model.params(param_names(model, s["params"]))
@@ -105,9 +106,20 @@ def finetune(model, concepts, s: dict, step_loss, method: str, progress: bool, l
     opt = torch.optim.Adam(list(dW.values()), lr=s["lr"])
     embs = [c.embedding(model) for c in concepts]
     lat = latents or [c.latents for c in concepts]
-    losses = []
-    bar = tqdm(total=s["steps"], desc=f"{method} {_name(concepts)}", leave=False) if progress else None
-    for step in range(s["steps"]):
+    losses, start, stage = [], 0, None
+    if checkpoint is not None:  # resume from the last save of this loop, if any
+        stage = checkpoint.stage(f"{method} {_name(concepts)}", method=method, concepts=[c.name for c in concepts],
+                                 prompts=[c.prompts for c in concepts], settings=dict(s))
+        saved = stage.load()
+        if saved is not None:
+            with torch.no_grad():
+                for k, v in saved["dW"].items():
+                    dW[k].copy_(v)
+            opt.load_state_dict(saved["opt"])
+            gen.set_state(saved["gen"])
+            losses, start, t0 = list(saved["losses"]), int(saved["step"]), t0 - saved["seconds"]
+    bar = tqdm(total=s["steps"], initial=start, desc=f"{method} {_name(concepts)}", leave=False) if progress else None
+    for step in range(start, s["steps"]):
         batches = [draw_batch(model, lat[i], embs[i], s["batch"], gen) for i in range(len(concepts))]
         X, T, E = (torch.cat([b[k] for b in batches]) for k in range(3))
         I = torch.cat([torch.stack([torch.full_like(b[3], i), b[3]], 1) for i, b in enumerate(batches)])
@@ -122,6 +134,10 @@ def finetune(model, concepts, s: dict, step_loss, method: str, progress: bool, l
         losses.append(float(loss.detach()))
         if bar is not None:
             bar.update(1)
+        if stage is not None and stage.due(step + 1, step + 1 == s["steps"]):
+            stage.save(step + 1, dict(dW={k: v.detach().clone() for k, v in dW.items()}, opt=opt.state_dict(),
+                                      gen=gen.get_state().clone(), losses=losses, seconds=time.time() - t0),
+                       finished=step + 1 == s["steps"])
     if bar is not None:
         bar.close()
     info = dict(seconds=round(time.time() - t0, 2), steps=s["steps"], loss=losses, concepts=[c.name for c in concepts],
@@ -130,7 +146,7 @@ def finetune(model, concepts, s: dict, step_loss, method: str, progress: bool, l
                  dict(s), info)
 
 
-def esd(model, concepts, s: dict, progress: bool = False) -> Delta:
+def esd(model, concepts, s: dict, progress: bool = False, checkpoint=None) -> Delta:
     """ESD-x (ESD's negative-guidance objective): ``MSE(eps'(x_t,c), eps(x_t,c0) - eta (eps(x_t,c) - eps(x_t,c0)))``
     on ``s["params"]`` (all attn2 parameters by default), notebook 06. ``x_t`` from the concept's reference set (ESD
     samples it with DDIM from ``c``: the same distribution on the bundled model, at no sampling cost)."""
@@ -143,7 +159,7 @@ def esd(model, concepts, s: dict, progress: bool = False) -> Delta:
             target = e_0 - s["eta"] * (e_c - e_0)  # eps(c0) - eta (eps(c) - eps(c0))
         return F.mse_loss(model.eps(X, T, E, weights), target)
 
-    return finetune(model, concepts, s, loss, "esd", progress)
+    return finetune(model, concepts, s, loss, "esd", progress, checkpoint=checkpoint)
 
 
 def anchor_latents(model, prompts, n: int, steps: int, seed: int = 0) -> torch.Tensor:
@@ -154,7 +170,7 @@ def anchor_latents(model, prompts, n: int, steps: int, seed: int = 0) -> torch.T
     return model.to_latent(imgs * 2 - 1)
 
 
-def ablating(model, concepts, s: dict, anchor=None, progress: bool = False) -> Delta:
+def ablating(model, concepts, s: dict, anchor=None, progress: bool = False, checkpoint=None) -> Delta:
     """Ablating Concepts, model-based: ``MSE(eps'(x_t,c), sg(eps(x_t,c*)))`` with ``c*`` the anchor of each concept
     prompt (default: the concept set's rule, ``"an object in striped style" -> "an object"``) and ``x_t`` from images
     the frozen model generates for the anchors (``n_anchor`` images, ``anchor_steps`` DDIM steps), notebook 06."""
@@ -169,7 +185,7 @@ def ablating(model, concepts, s: dict, anchor=None, progress: bool = False) -> D
         return F.mse_loss(model.eps(X, T, E, weights), target)
 
     return finetune(model, concepts, s, loss, "ablating", progress, latents=lat,
-                    extra_info=dict(anchors=[p for a in anchor_prompts for p in a]))
+                    extra_info=dict(anchors=[p for a in anchor_prompts for p in a]), checkpoint=checkpoint)
 
 
 def concept_positions(model, prompt: str, words) -> list[int]:
@@ -187,7 +203,7 @@ def concept_positions(model, prompt: str, words) -> list[int]:
     return sorted(set(pos))
 
 
-def fmn(model, concepts, s: dict, words=None, progress: bool = False) -> Delta:
+def fmn(model, concepts, s: dict, words=None, progress: bool = False, checkpoint=None) -> Delta:
     """Forget-Me-Not's attention re-steering, notebook 06: minimise the cross-attention probability mass on the
     concept's token positions, ``mean over layers, images, heads and queries of sum_{j in P} softmax(q k^T)_j``,
     captured by a temporary attention processor (:func:`capture_cross_attention`), on all attn2 parameters.
@@ -207,10 +223,11 @@ def fmn(model, concepts, s: dict, words=None, progress: bool = False) -> Delta:
         mass = [(a * P[:, None, None, :]).sum(-1).mean() for a in store]  # attention mass on P, per layer
         return torch.stack(mass).mean()
 
-    return finetune(model, concepts, s, loss, "fmn", progress)
+    return finetune(model, concepts, s, loss, "fmn", progress, checkpoint=checkpoint)
 
 
-def all_but_one(model, concepts, s: dict, anchor=None, instructions=None, progress: bool = False) -> Delta:
+def all_but_one(model, concepts, s: dict, anchor=None, instructions=None, progress: bool = False,
+                checkpoint=None) -> Delta:
     """All-but-One's surgical loss (its Eqs. 12-13), notebook 06::
 
         || g2 (eps'(z,c) - sg(eps'(z,c0))) - [g1 (eps(z,c') - eps(z,c0)) + delta] ||^2
@@ -248,4 +265,4 @@ def all_but_one(model, concepts, s: dict, anchor=None, instructions=None, progre
         return concept + s["lam"] * penalty
 
     return finetune(model, concepts, s, loss, "all_but_one", progress,
-                    extra_info=dict(anchors=[p for a in anchor_prompts for p in a]))
+                    extra_info=dict(anchors=[p for a in anchor_prompts for p in a]), checkpoint=checkpoint)

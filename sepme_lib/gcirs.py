@@ -187,9 +187,11 @@ class ErasureDiverged(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def train(model, concepts, increments, owner, s, skip_empty: bool, progress: bool = True, desc: str = "erasing"):
+def train(model, concepts, increments, owner, s, skip_empty: bool, progress: bool = True, desc: str = "erasing",
+          checkpoint=None):
     """The shared loop (module docstring). ``owner[i]``: the increment index of concept ``i``; ``s``: :class:`Settings`.
-    Returns the history (per-step ``L_cor``, ``eta``, ``L_mom``)."""
+    Returns the history (per-step ``L_cor``, ``eta``, ``L_mom``). ``checkpoint``: a ``checkpoint.Checkpoint`` to save
+    the loop's state to every few steps and resume from (``None``: the loop runs exactly as without it)."""
     gen = torch.Generator().manual_seed(s.seed)
     base = model.params({k for inc in increments for k in inc.params})
     opts = [torch.optim.Adam(list(inc.params.values()), lr=inc.lr) for inc in increments]
@@ -199,8 +201,17 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
     c0 = model.empty()
     hist = dict(step=[], lcor=[[] for _ in concepts], eta=[[] for _ in concepts], lmom=[[] for _ in concepts])
     t_start = time.time()
-    bar = tqdm(total=s.cap, desc=desc, leave=False) if progress else None
     step = 0
+    stage = None
+    if checkpoint is not None:  # resume from the last save of this loop, if any
+        stage = checkpoint.stage(desc, concepts=[c.name for c in concepts], prompts=[c.prompts for c in concepts],
+                                 settings=s.as_dict(), owner=list(owner), skip_empty=skip_empty,
+                                 increments=[[inc.name, sorted(inc.params)] for inc in increments])
+        saved = stage.load()
+        if saved is not None:
+            step = _restore(saved, gen, increments, opts, monitors, stopped, hist)
+            t_start -= saved["seconds"]
+    bar = tqdm(total=s.cap, initial=step, desc=desc, leave=False) if progress else None
     while any(x is None for x in stopped):
         active = [i for i in range(len(concepts)) if stopped[i] is None]
         computed = sorted(set(active) | {0})  # concept 1 is always computed: eta is relative to it
@@ -263,6 +274,9 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
         if bar is not None:
             bar.update(1)
             bar.set_postfix(L=f"{float(loss.detach()):.3g}")
+        if stage is not None and stage.due(step, all(x is not None for x in stopped)):
+            stage.save(step, _state(gen, increments, opts, monitors, stopped, hist, time.time() - t_start),
+                       finished=all(x is not None for x in stopped))
     if bar is not None:
         bar.close()
     seconds = time.time() - t_start
@@ -272,6 +286,36 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
     return hist
 
 
+def _state(gen, increments, opts, monitors, stopped, hist, seconds) -> dict:
+    """Everything the next step of :func:`train` reads (saved by a checkpoint)."""
+    return dict(params=[{k: v.detach().clone() for k, v in inc.params.items()} for inc in increments],
+                opts=[o.state_dict() for o in opts], gen=gen.get_state().clone(),
+                monitors=[dict(m.__dict__) for m in monitors], stopped=list(stopped),
+                stopped_at=[inc.stopped_at for inc in increments],
+                stop_reason=[inc.info.get("stop_reason") for inc in increments], hist=hist, seconds=seconds)
+
+
+def _restore(saved, gen, increments, opts, monitors, stopped, hist) -> int:
+    """Put a saved :func:`_state` back in place; returns the step to continue from."""
+    with torch.no_grad():
+        for inc, params in zip(increments, saved["params"]):
+            for k, v in params.items():
+                inc.params[k].copy_(v)
+    for o, st in zip(opts, saved["opts"]):
+        o.load_state_dict(st)
+    gen.set_state(saved["gen"])
+    for m, st in zip(monitors, saved["monitors"]):
+        m.__dict__.update(st)
+    stopped[:] = saved["stopped"]
+    for inc, at, reason in zip(increments, saved["stopped_at"], saved["stop_reason"]):
+        inc.stopped_at = at
+        if reason is not None:
+            inc.info["stop_reason"] = reason
+    hist.clear()
+    hist.update(saved["hist"])
+    return int(saved["step"])
+
+
 def to_delta(model, inc: Increment, name: str, method: str, s, hist, extra=None) -> Delta:
     """The trained increment as a :class:`Delta` (tensors detached and cloned, settings and history recorded)."""
     info = dict(inc.info, history=hist, **(extra or {}))
@@ -279,7 +323,7 @@ def to_delta(model, inc: Increment, name: str, method: str, s, hist, extra=None)
                  s.as_dict(), info)
 
 
-def gcirs(model, concepts, s, params: str = "cross_attention", progress: bool = True) -> Delta:
+def gcirs(model, concepts, s, params: str = "cross_attention", progress: bool = True, checkpoint=None) -> Delta:
     """G-CiRs (Algorithm 1) on all cross-attention parameters (``params="cross_attention"``, the paper's setting) or
     on to_k/to_v (``"kv"``), for one or several concepts at once (eta-balanced, one shared increment).
 
@@ -291,7 +335,7 @@ def gcirs(model, concepts, s, params: str = "cross_attention", progress: bool = 
     name = "+".join(c.name for c in concepts)
     inc = direct_increment(model, name, names, s.gcirs_lr, s.gcirs_tau)
     hist = train(model, concepts, [inc], [0] * len(concepts), s, skip_empty=False, progress=progress,
-                 desc=f"G-CiRs {name}")
+                 desc=f"G-CiRs {name}", checkpoint=checkpoint)
     return to_delta(model, inc, name, "gcirs", s, hist,
                     dict(concepts=[c.name for c in concepts], params=params,
                          prompts=[p for c in concepts for p in c.prompts]))

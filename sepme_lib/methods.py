@@ -100,14 +100,17 @@ def settings(method: str, model, **overrides) -> dict:
     return base
 
 
-def erase(model, concepts, method: str = "sepme", progress: bool = False, n_ref: int = 64, **settings_) -> list[Delta]:
+def erase(model, concepts, method: str = "sepme", progress: bool = False, n_ref: int = 64, checkpoint=None,
+          **settings_) -> list[Delta]:
     """Erase ``concepts`` from ``model`` with ``method``; returns one :class:`Delta` per concept for SepME, one for
     all concepts otherwise (G-CiRs and the relatives edit one shared increment).
 
     ``concepts``: :class:`~sepme_lib.concepts.Concept` objects or names of the model's concept set. ``method``: one
     of :data:`METHODS`. Keyword arguments are the method's settings (``DEFAULTS``) and arguments (``ARGUMENTS``:
     ``mode="separate"|"joint"|"iterative"``, ``protect=``, ``anchor=`` for SepME; ``anchor=``/``preserve=`` for UCE
-    and RECE; ...). Everything is checked before any model work starts."""
+    and RECE; ...). Everything is checked before any model work starts. ``checkpoint``: a
+    ``checkpoint.Checkpoint`` the training loops save to every few steps and resume from (a killed run restarted with
+    the same folder continues from its last save and ends with the same increments; closed forms have no loop)."""
     check_method(method)
     args = {k: settings_.pop(k) for k in list(settings_) if k in ARGUMENTS[method]}
     s = settings(method, model, **settings_)
@@ -115,12 +118,13 @@ def erase(model, concepts, method: str = "sepme", progress: bool = False, n_ref:
         raise MethodError(f"unknown mode {args['mode']!r}; use one of {', '.join(sepme.MODES)}")
     concepts = as_concepts(model, concepts, n_ref=n_ref)
     if method == "sepme":
-        return sepme.sepme(model, concepts, settings=gcirs.Settings(**s), progress=progress, **args)
+        return sepme.sepme(model, concepts, settings=gcirs.Settings(**s), progress=progress, checkpoint=checkpoint,
+                           **args)
     if method == "gcirs":
-        return [gcirs.gcirs(model, concepts, gcirs.Settings(**s), progress=progress, **args)]
+        return [gcirs.gcirs(model, concepts, gcirs.Settings(**s), progress=progress, checkpoint=checkpoint, **args)]
     if method in CLOSED_FORM:
         return [getattr(closed_form, method)(model, concepts, s, **args)]
-    return [getattr(finetune, method)(model, concepts, s, progress=progress, **args)]
+    return [getattr(finetune, method)(model, concepts, s, progress=progress, checkpoint=checkpoint, **args)]
 
 
 def profile_settings(method: str, prof: dict) -> dict:

@@ -44,14 +44,15 @@ def protected_sets(concepts, mode: str, protect=()) -> list:
 
 
 def sepme(model, concepts, mode: str = "separate", settings: Settings | None = None, protect=(), anchor=None,
-          progress: bool = True) -> list[Delta]:
+          progress: bool = True, checkpoint=None) -> list[Delta]:
     """SepME: one :class:`Delta` per concept, ``dW_i = beta w_i S_i^T`` on every attn2 to_k/to_v (Algorithm 2).
 
     ``settings``: a :class:`Settings` (``erase(..., method="sepme")`` fills it from ``methods.DEFAULTS`` for the
     model's family; ``None`` here means the paper's values). ``protect``: extra prompts every increment must leave
     unchanged. ``anchor``: the anchors of a single concept when ``settings.single == "anchors"`` (default: the
     concept set's rule). Capacity is checked for every concept before any training starts
-    (``nullspace.CapacityError``)."""
+    (``nullspace.CapacityError``). ``checkpoint``: a ``checkpoint.Checkpoint`` every training loop saves to and
+    resumes from (the command line's resumable ``erase``)."""
     s = settings or Settings()
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
@@ -82,16 +83,17 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
     extra = [dict(mode=mode, stage=t + 1, prompts=list(c.prompts), anchors=anchors) for t, c in enumerate(concepts)]
     if mode == "joint":
         hist = train(model, concepts, incs, list(range(len(concepts))), s, skip_empty=True, progress=progress,
-                     desc="SepME joint")
+                     desc="SepME joint", checkpoint=checkpoint)
         return [to_delta(model, inc, c.name, method, s, hist, e) for inc, c, e in zip(incs, concepts, extra)]
     deltas = []
     for c, inc, e in zip(concepts, incs, extra):
         if inc is None:  # SepME_2 step 1: G-CiRs on all cross-attention parameters
-            d = gcirs(model, [c], s, progress=progress)
+            d = gcirs(model, [c], s, progress=progress, checkpoint=checkpoint)
             d.method = method
             d.info.update(e)
         else:
-            hist = train(model, [c], [inc], [0], s, skip_empty=True, progress=progress, desc=f"SepME {c.name}")
+            hist = train(model, [c], [inc], [0], s, skip_empty=True, progress=progress, desc=f"SepME {c.name}",
+                         checkpoint=checkpoint)
             d = to_delta(model, inc, c.name, method, s, hist, e)
         deltas.append(d)
     return deltas
