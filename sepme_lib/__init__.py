@@ -10,11 +10,14 @@ The public API (stable; used by the notebooks, the README, the benchmarks and th
         images = sm.generate(model, ["a red star in striped style"], seeds=[0])
     sm.leakage(model, deltas[0], [""] + deltas[1].info["prompts"])   # ~1e-6: dotted's keys/values untouched
     sm.acc_table(model, judge, ["striped", "dotted"], n=8, deltas=deltas)
+    deltas[0].save_lora("out/striped")                 # a diffusers LoRA folder (+ model card); Delta.from_lora
 
 Modules, in one-way layers (each imports only modules above it in this list; ``tests/test_layers.py`` checks it):
-``config`` | ``world``, ``paper``, ``report``, ``plots``, ``perceptual`` | ``model`` | ``concepts``, ``deltas`` |
-``classifier``, ``gcirs`` | ``nullspace`` | ``sepme`` | ``closed_form``, ``finetune`` | ``methods`` | ``evaluate`` |
-``widgets`` | ``bench``, ``course``, ``train_tiny``, ``train_classifier``. The design document is ``docs/DESIGN.md``.
+``config`` | ``world``, ``paper``, ``report``, ``plots``, ``perceptual``, ``checkpoint`` | ``model`` | ``concepts``,
+``deltas`` | ``classifier``, ``gcirs``, ``lora`` | ``nullspace``, ``adapters`` | ``sepme`` | ``closed_form``,
+``finetune`` | ``methods`` | ``evaluate`` | ``widgets`` | ``train_tiny``, ``train_classifier`` | ``random_sd`` |
+``bench``, ``course``, ``scaleout`` | ``cli`` (``python -m sepme_lib``, the ``sepme`` command). The design document is
+``docs/DESIGN.md``.
 """
 from .classifier import load_classifier
 from .concepts import Concept, concept_set, make_concepts
@@ -22,10 +25,11 @@ from .config import VERSION as __version__
 from .config import get_device
 from .deltas import Delta, applied, combine
 from .evaluate import acc_table, generate
+from .lora import LoraExport  # attaches Delta.to_lora / save_lora / from_lora
 from .methods import METHODS, erase
 from .model import load_model
 from .nullspace import leakage, null_space
 
 __all__ = ["load_model", "load_classifier", "erase", "METHODS", "Delta", "combine", "applied", "leakage",
-           "null_space", "generate", "acc_table", "Concept", "make_concepts", "concept_set", "get_device",
-           "__version__"]
+           "null_space", "generate", "acc_table", "LoraExport", "Concept", "make_concepts", "concept_set",
+           "get_device", "__version__"]

@@ -44,6 +44,7 @@ from IPython.display import display
 from PIL import Image
 
 from . import world
+from .adapters import backend_context, make_backend
 from .classifier import HEADS, predict
 from .concepts import concept_set
 from .deltas import combine, edited_weights
@@ -199,7 +200,7 @@ def classify_readout(clf, images, targets: dict) -> tuple[dict, dict]:
 
 @torch.no_grad()
 def render_state(model, clf, deltas, scales, prompt: str, seed: int = 0, n: int = 4, steps: int | None = WIDGET_STEPS,
-                 guidance: float | None = WIDGET_GUIDANCE) -> dict:
+                 guidance: float | None = WIDGET_GUIDANCE, adapters=None) -> dict:
     """Render ``theta + sum_i s_i dTheta_i`` for one prompt (what the widget shows after every change): ``n`` images
     with seeds ``seed .. seed+n-1`` (the same start noise in every state), classified, with leakage. Returns
     ``dict(images (n,3,H,W) in [0,1], acc {head: ACC}, predicted {head: [labels]}, targets, unknown (words the model
@@ -207,12 +208,12 @@ def render_state(model, clf, deltas, scales, prompt: str, seed: int = 0, n: int 
     deltas = list(deltas)
     scales = _check_render_args(deltas, scales, prompt, seed, n)
     t0 = time.perf_counter()
-    weights = edited_weights(model, deltas, scales) if any(s != 0.0 for s in scales) else None
-    with warnings.catch_warnings():  # unknown words: reported in the state (the widget shows them), not in the log
-        warnings.simplefilter("ignore", UserWarning)
+    weights = edited_weights(model, deltas, scales) if adapters is None and any(s != 0.0 for s in scales) else None
+    with warnings.catch_warnings(), backend_context(adapters, model, scales):  # adapters: diffusers' set_adapters
+        warnings.simplefilter("ignore", UserWarning)  # unknown words: reported in the state, not in the log
         images = model.sample([prompt] * n, seeds=range(seed, seed + n), steps=steps, guidance=guidance,
                               weights=weights)
-        leak = leakage_readout(model, deltas, scales, prompt)
+    leak = leakage_readout(model, deltas, scales, prompt)  # the model's own UNet again (the words warned above)
     targets = prompt_targets(prompt, clf, model)
     acc, pred = classify_readout(clf, images, targets)
     return dict(images=images, acc=acc, predicted=pred, targets=targets, unknown=unknown_words(prompt, model),
@@ -222,7 +223,7 @@ def render_state(model, clf, deltas, scales, prompt: str, seed: int = 0, n: int 
 
 def render_comparison(model, clf, deltas, scales, prompt: str, seed: int = 0, n: int = 4,
                       steps: int | None = WIDGET_STEPS, guidance: float | None = WIDGET_GUIDANCE,
-                      cache: dict | None = None, metric: str = "auto") -> dict:
+                      cache: dict | None = None, metric: str = "auto", adapters=None) -> dict:
     """Original ``theta`` vs edited ``theta + sum_i s_i dTheta_i`` for the same prompt and seeds.
 
     ``cache`` (a dict the caller keeps) holds the original model's states by ``(prompt, seed, n, steps,
@@ -238,7 +239,7 @@ def render_comparison(model, clf, deltas, scales, prompt: str, seed: int = 0, n:
         original = render_state(model, clf, deltas, [0.0] * len(deltas), prompt, seed, n, steps, guidance)
         if cache is not None:
             cache[key] = original
-    edited = render_state(model, clf, deltas, scales, prompt, seed, n, steps, guidance)
+    edited = render_state(model, clf, deltas, scales, prompt, seed, n, steps, guidance, adapters)
     value, name = perceptual_distance(original["images"], edited["images"], metric)
     return dict(original=original, edited=edited, distance=value, metric=name, seconds=time.perf_counter() - t0)
 
@@ -329,7 +330,8 @@ class CombinationWidget:
     """
 
     def __init__(self, model, clf, deltas, prompts=None, n: int = 4, seed: int = 0, steps: int | None = WIDGET_STEPS,
-                 guidance: float | None = WIDGET_GUIDANCE, scale_range=SCALE_RANGE, metric: str = "auto"):
+                 guidance: float | None = WIDGET_GUIDANCE, scale_range=SCALE_RANGE, metric: str = "auto",
+                 backend: str = "library"):
         self.model, self.clf, self.deltas = model, clf, list(deltas)
         if not self.deltas:
             raise ValueError("CombinationWidget needs at least one delta (a list of Delta objects)")
@@ -341,6 +343,7 @@ class CombinationWidget:
                              "concept set have no default prompt)")
         _check_render_args(self.deltas, [0.0] * len(self.deltas), prompts[0], seed, n)
         self.n, self.steps, self.guidance, self.metric = n, steps, guidance, metric
+        self.adapters = make_backend(model, self.deltas, backend)  # "diffusers": the sliders are adapter weights
         self.cache: dict = {}
         self.last = None
         lo, hi = scale_range
@@ -388,7 +391,7 @@ class CombinationWidget:
         self.edited_caption.value = self._edited_title("rendering ...")
         self._show_warning(prompt)
         comp = render_comparison(self.model, self.clf, self.deltas, self.scales(), prompt, int(self.seed.value),
-                                 self.n, self.steps, self.guidance, self.cache, self.metric)
+                                 self.n, self.steps, self.guidance, self.cache, self.metric, self.adapters)
         self.original_img.value = png_bytes(grid_image(comp["original"]["images"], ncols=2))
         self.edited_img.value = png_bytes(grid_image(comp["edited"]["images"], ncols=2))
         self.edited_caption.value = self._edited_title()

@@ -34,3 +34,12 @@ def clf():
     from sepme_lib.classifier import load_classifier
 
     return load_classifier(device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def random_sd_folder(tmp_path_factory):
+    """``random_sd.build_folder``: ``{"pipeline": diffusers SD folder, "clip": zero-shot judge folder}`` on disk (the
+    command line and the diffusers-only LoRA check load it as a user would)."""
+    from sepme_lib.random_sd import build_folder
+
+    return build_folder(tmp_path_factory.mktemp("rsd"))

@@ -12,18 +12,21 @@ ROOT = PKG.parent
 # Layers, top to bottom: a module may import modules of earlier layers only (docs/DESIGN.md, "Layers").
 LAYERS = [
     ["config"],
-    ["world", "paper", "report", "plots", "perceptual"],
+    ["world", "paper", "report", "plots", "perceptual", "checkpoint"],
     ["model"],
     ["concepts", "deltas"],
     ["classifier", "gcirs", "lora"],
-    ["nullspace"],
+    ["nullspace", "adapters"],
     ["sepme"],
     ["closed_form", "finetune", "speed"],
     ["methods"],
     ["evaluate", "separability"],
     ["widgets"],
     ["train_tiny", "train_classifier"],
-    ["bench", "course", "random_sd", "cli", "scaleout", "__main__"],
+    ["random_sd"],
+    ["bench", "course", "scaleout"],
+    ["cli"],
+    ["__main__"],
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 # imports allowed inside functions: optional extras that are heavy or not always installed
