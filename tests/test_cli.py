@@ -185,3 +185,19 @@ def test_a_killed_erase_process_resumes(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["sepme"] == "sepme_lib.cli:main"
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("sepme", ["cap=2", "single_warmup=0", "batch=1"]), ("gcirs", ["cap=2", "batch=1"]),
+    ("esd", ["steps=2", "batch=1"]), ("ablating", ["steps=2", "batch=1", "n_anchor=2", "anchor_steps=2"]),
+    ("fmn", ["steps=2", "batch=1"]), ("all_but_one", ["steps=2", "batch=1"]), ("uce", []), ("rece", ["epochs=1"]),
+    ("mace", ["n_general=8"])])
+def test_erase_exports_every_method(method, settings, tmp_path, capsys):
+    argv = ["erase", "--model", "tiny", "--concepts", "striped", "--method", method, "--out", tmp_path,
+            "--eval-images", "0", "--n-ref", "4", "--quiet"] + (["--set", *settings] if settings else [])
+    code, out = run(argv, capsys)
+    assert code == 0, out.err
+    (folder,) = [p.parent for p in tmp_path.glob(f"*/{lora.WEIGHTS}")]
+    d = sm.Delta.from_lora(folder)
+    assert d.name == "striped" and f"`{d.method}`" in (folder / "README.md").read_text()
+    assert d.info["lora"]["exact"] and d.info["lora"]["recon_error"] < 1e-6
