@@ -43,8 +43,7 @@ import torch
 from IPython.display import display
 from PIL import Image
 
-from . import world
-from .adapters import backend_context, make_backend
+from . import adapters as _adapters, world
 from .classifier import HEADS, predict
 from .concepts import concept_set
 from .deltas import combine, edited_weights
@@ -209,7 +208,7 @@ def render_state(model, clf, deltas, scales, prompt: str, seed: int = 0, n: int 
     scales = _check_render_args(deltas, scales, prompt, seed, n)
     t0 = time.perf_counter()
     weights = edited_weights(model, deltas, scales) if adapters is None and any(s != 0.0 for s in scales) else None
-    with warnings.catch_warnings(), backend_context(adapters, model, scales):  # adapters: diffusers' set_adapters
+    with warnings.catch_warnings(), _adapters.backend_context(adapters, model, scales):  # diffusers' set_adapters
         warnings.simplefilter("ignore", UserWarning)  # unknown words: reported in the state, not in the log
         images = model.sample([prompt] * n, seeds=range(seed, seed + n), steps=steps, guidance=guidance,
                               weights=weights)
@@ -330,8 +329,7 @@ class CombinationWidget:
     """
 
     def __init__(self, model, clf, deltas, prompts=None, n: int = 4, seed: int = 0, steps: int | None = WIDGET_STEPS,
-                 guidance: float | None = WIDGET_GUIDANCE, scale_range=SCALE_RANGE, metric: str = "auto",
-                 backend: str = "library"):
+                 guidance: float | None = WIDGET_GUIDANCE, scale_range=SCALE_RANGE, metric="auto", backend="library"):
         self.model, self.clf, self.deltas = model, clf, list(deltas)
         if not self.deltas:
             raise ValueError("CombinationWidget needs at least one delta (a list of Delta objects)")
@@ -343,8 +341,7 @@ class CombinationWidget:
                              "concept set have no default prompt)")
         _check_render_args(self.deltas, [0.0] * len(self.deltas), prompts[0], seed, n)
         self.n, self.steps, self.guidance, self.metric = n, steps, guidance, metric
-        self.adapters = make_backend(model, self.deltas, backend)  # "diffusers": the sliders are adapter weights
-        self.cache: dict = {}
+        self.cache, self.adapters = {}, _adapters.make_backend(model, self.deltas, backend)  # diffusers: set_adapters
         self.last = None
         lo, hi = scale_range
         self.checks = [W.Checkbox(value=True, description=f"Δθ {d.name}", indent=False,
