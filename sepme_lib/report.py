@@ -48,6 +48,42 @@ def combination_markdown(tab: dict, names=None) -> str:
         "\n".join(lines)
 
 
+def erasure_markdown(results: dict, original: dict, concepts, l1: dict | None = None) -> str:
+    """The layout of the paper's Tables 1-2 (notebook 07): a block of rows per erased set, one row per evaluated
+    concept of ``concepts`` (``*`` = erased, as the paper's VG*), then ``others`` (the results' ``"Others"`` entry, or
+    the mean ACC of every concept not in ``concepts``), one column per method with ``ORI`` (the unedited model) first.
+
+    ``results[method][erased] = {concept: ACC}``, ``erased`` a name or names joined by ``+``; ``original``:
+    ``{concept: ACC}``; ``l1[method][erased]``: ``||dTheta||_p`` (a last row per block)."""
+    concepts, methods = list(concepts), list(results)
+    if not methods:
+        raise ValueError("erasure_markdown needs results of at least one method")
+    erased_sets = list(dict.fromkeys(e for m in methods for e in results[m]))
+
+    def value(acc, c):
+        if acc is None:
+            return None
+        if c != "others":
+            return acc.get(c)
+        if "Others" in acc:
+            return acc["Others"]
+        rest = [v for k, v in acc.items() if k not in concepts]
+        return sum(rest) / len(rest) if rest else None
+
+    header = ["erased", "evaluated", "ORI", *methods]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in erased_sets:
+        gone = set(e.split("+"))
+        for c in concepts + ["others"]:
+            vals = [value(original, c)] + [value(results[m].get(e), c) for m in methods]
+            if c == "others" and all(v is None for v in vals):
+                continue
+            lines.append(f"| {e} | {c + '*' if c in gone else c} | " + " | ".join(fmt(v) for v in vals) + " |")
+        if l1:
+            lines.append(f"| {e} | ‖Δθ‖_p | - | " + " | ".join(fmt(l1.get(m, {}).get(e)) for m in methods) + " |")
+    return "\n".join(lines)
+
+
 def md_table_to_html(md: str) -> str:
     """The tables (and the caption lines) of a markdown snippet as HTML."""
     rows, pre = [], []
