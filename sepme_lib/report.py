@@ -48,6 +48,19 @@ def combination_markdown(tab: dict, names=None) -> str:
         "\n".join(lines)
 
 
+def with_others(tab: dict, concepts, label: str = "others") -> dict:
+    """A copy of a combination table (``evaluate.combination_table``'s ``{"original", "rows"}``) whose ACC dicts also
+    hold ``label``: the mean ACC of the classes not in ``concepts`` (the paper's "Others" row of Table 5). The
+    classes it averages are the ones the table evaluated; nothing is added when there are none (notebook 07)."""
+    concepts = set(concepts)
+
+    def add(acc):
+        rest = [v for k, v in acc.items() if k not in concepts and k != label]
+        return dict(acc, **({label: sum(rest) / len(rest)} if rest else {}))
+
+    return dict(tab, original=add(tab["original"]), rows=[dict(r, acc=add(r["acc"])) for r in tab["rows"]])
+
+
 def erasure_markdown(results: dict, original: dict, concepts, l1: dict | None = None) -> str:
     """The layout of the paper's Tables 1-2 (notebook 07): a block of rows per erased set, one row per evaluated
     concept of ``concepts`` (``*`` = erased, as the paper's VG*), then ``others`` (the results' ``"Others"`` entry, or

@@ -42,3 +42,11 @@ def test_erasure_markdown_layout():
     assert "| a | others | 1.00 | 0.75 |" in md and "| a | a* | 1.00 | 0.00 |" in md
     with pytest.raises(ValueError, match="at least one method"):
         report.erasure_markdown({}, {}, [])
+
+
+def test_with_others_adds_the_mean_of_the_other_classes():
+    tab = dict(original=dict(a=1.0, b=0.5, c=1.0), rows=[dict(subset=["a"], acc=dict(a=0.0, b=0.5, c=0.5))])
+    out = report.with_others(tab, ["a"])
+    assert out["original"]["others"] == 0.75 and out["rows"][0]["acc"]["others"] == 0.5
+    assert "others" not in tab["original"]  # a copy
+    assert "others" not in report.with_others(tab, ["a", "b", "c"])["original"]
