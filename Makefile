@@ -1,32 +1,72 @@
-# sepme-course: `make test` (tests + notebooks in the ci profile) and `make course` (every notebook, in order).
-# Both create/reuse .venv in the repository root by themselves.
+# sepme-course. The two commands: `make test` (unit tests, the notebooks' committed state, nbval of every notebook
+# in the ci profile, every notebook on a random-weight Stable Diffusion folder, the widget in a real browser) and
+# `make course` (every notebook in order into build/). Every target creates/reuses .venv in the repository root.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is installed first and explicitly (override on other machines, e.g. TORCH_PKGS="torch torchvision"
 # or a CUDA-specific index); the rest comes from pyproject.toml's version ranges.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+# `make lab` opens the ci profile unless PROFILE is given (PROFILE=full make lab); `make course` runs full by default.
+LAB_PROFILE := $(if $(filter environment command line,$(origin PROFILE)),$(PROFILE),ci)
 PROFILE ?= full
+LAB_ARGS ?=
+NB ?=
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
 
-.PHONY: test course lab bench clean-venv
+.PHONY: test test-unit test-notebooks test-sd test-browser check-notebooks notebooks course lab bench venv clean-venv
+
+venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PKGS)
 	$(PY) -m pip install -q -e ".[dev,lpips]"
-	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
 	touch $@
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q tests/
-	PROFILE=ci $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/
+# JupyterLab (and selenium for the browser test) are installed once, from pyproject's extras, when first needed.
+$(VENV)/.lab: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,lpips,lab]"
+	touch $@
+
+$(VENV)/.browser: $(VENV)/.lab
+	$(PY) -m pip install -q -e ".[dev,lpips,browser]"
+	touch $@
+
+test: test-unit test-notebooks test-sd test-browser
+
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider tests/
+
+# nbval re-executes every notebook and compares the marked cells with the committed outputs
+test-notebooks: $(VENV)/.installed
+	$(PY) -m sepme_lib.course check
+	PROFILE=ci MODEL=tiny $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/
+
+# every notebook on a random-weight SD 1.x folder (built in a temporary directory), ci profile, CPU
+test-sd: $(VENV)/.installed
+	$(PY) -m sepme_lib.course test-sd
+
+# JupyterLab headless + Debian's chromium: run notebook 05, toggle a checkbox, move a slider (tests/browser_lab.py)
+test-browser: $(VENV)/.browser
+	@test -x $(CHROMIUM) -a -x $(CHROMEDRIVER) || { echo "needs $(CHROMIUM) and $(CHROMEDRIVER): sudo apt-get install -y chromium chromium-driver"; exit 1; }
+	CHROMIUM=$(CHROMIUM) CHROMEDRIVER=$(CHROMEDRIVER) $(PY) -m pytest -q -p no:cacheprovider -s tests/browser_lab.py
+
+check-notebooks: $(VENV)/.installed
+	$(PY) -m sepme_lib.course check
+
+# re-execute the notebooks in place (ci profile, CPU) and record version + code hash: what is committed.
+# One notebook or a few: make notebooks NB="05 06"
+notebooks: $(VENV)/.installed
+	$(PY) -m sepme_lib.course execute $(NB)
 
 course: $(VENV)/.installed
 	PROFILE=$(PROFILE) $(PY) -m sepme_lib.course
 
-lab: $(VENV)/.installed
-	$(PY) -m pip install -q jupyterlab
-	$(VENV)/bin/jupyter lab notebooks/
+lab: $(VENV)/.lab
+	PROFILE=$(LAB_PROFILE) $(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
 
 bench: $(VENV)/.installed
 	$(PY) -m sepme_lib.bench quality --json

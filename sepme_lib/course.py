@@ -168,12 +168,13 @@ def notebook_paths(notebooks=None) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------ execution
-def _execute(nb, path: Path, timeout: int):
+def _execute(nb, path: Path, timeout: int, store_widget_state: bool = True):
     """Run ``nb`` in a fresh ``python3`` kernel with the notebook's folder as working directory; returns the error
-    text or ``None``."""
+    text or ``None``. Committed notebooks do not store widget state (it repeats every image the widget drew)."""
     from nbconvert.preprocessors import ExecutePreprocessor
 
-    ep = ExecutePreprocessor(timeout=timeout, kernel_name="python3", record_timing=False)
+    ep = ExecutePreprocessor(timeout=timeout, kernel_name="python3", record_timing=False,
+                             store_widget_state=store_widget_state)
     try:
         ep.preprocess(nb, {"metadata": {"path": str(path.parent)}})
     except Exception as e:  # noqa: BLE001 - reported by the caller
@@ -182,9 +183,9 @@ def _execute(nb, path: Path, timeout: int):
 
 
 def ci_environment() -> dict:
-    """The environment committed outputs come from: ``PROFILE=ci``, the bundled model, the CPU."""
-    env = dict(PROFILE="ci", SEPME_DEVICE="cpu", MODEL="tiny", RECOMPUTE="0")
-    return env
+    """The environment committed outputs come from: ``PROFILE=ci``, the bundled model, the CPU (and no weight-loading
+    progress bars, which would be stored as empty widgets)."""
+    return dict(PROFILE="ci", SEPME_DEVICE="cpu", MODEL="tiny", RECOMPUTE="0", HF_HUB_DISABLE_PROGRESS_BARS="1")
 
 
 def execute(notebooks=None, timeout: int = 1800) -> list[dict]:
@@ -199,9 +200,10 @@ def execute(notebooks=None, timeout: int = 1800) -> list[dict]:
         for path in notebook_paths(notebooks):
             nb = nbformat.read(path, as_version=4)
             t0 = time.time()
-            err = _execute(nb, path, timeout)
+            err = _execute(nb, path, timeout, store_widget_state=False)
             dt = time.time() - t0
             if err is None:
+                nb.metadata.pop("widgets", None)
                 normalise(nb, "ci")
                 nbformat.write(nb, path)
             print(f"{path.name}: {dt:.0f} s" + (f"  FAILED (not written)\n{err}" if err else ""), flush=True)

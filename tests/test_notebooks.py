@@ -92,21 +92,17 @@ def test_check_catches_stale_or_broken_notebooks(tmp_path, breakage, expected):
     assert any(expected in p for p in problems), problems
 
 
-def run_nbval(path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PROFILE="ci")
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                           "--nbval-current-env", str(path)], cwd=path.parent, env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_nbval_fails_when_a_stored_marked_output_changes(tmp_path):
-    """The markers check something: the stored output "2" passes, a stored "3" fails (the cell prints 2)."""
-    for sub in ("good", "bad"):
-        (tmp_path / sub).mkdir()
-    good = run_nbval(synthetic(tmp_path / "good"))
-    assert good.returncode == 0, good.stdout[-2000:]
-    bad = run_nbval(synthetic(tmp_path / "bad", value="3"))
-    assert bad.returncode != 0 and "failed" in bad.stdout, bad.stdout[-2000:]
+    """The markers check something: in one nbval run, the notebook whose marked cell stored "2" passes and the one
+    that stored "3" fails (the cell prints 2), on that cell only."""
+    good, bad = synthetic(tmp_path, "00_good.ipynb"), synthetic(tmp_path, "01_bad.ipynb", value="3")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--nbval-lax",
+                        "--nbval-current-env", good.name, bad.name], cwd=tmp_path, env=dict(os.environ, PROFILE="ci"),
+                       capture_output=True, text=True, timeout=300)
+    failed = [x for x in r.stdout.splitlines() if x.startswith("FAILED")]
+    passed = [x for x in r.stdout.splitlines() if x.startswith("PASSED")]
+    assert r.returncode == 1 and len(failed) == 1 and failed[0].startswith("FAILED 01_bad.ipynb::Cell 2"), r.stdout[-3000:]
+    assert any(x.startswith("PASSED 00_good.ipynb::Cell 2") for x in passed), r.stdout[-3000:]
 
 
 def test_every_marked_cell_of_the_real_notebooks_has_stored_output():
@@ -163,31 +159,53 @@ def _source_repo(tmp_path) -> Path:
     return src
 
 
-def test_install_cell_on_fake_colab_imports_without_restart(tmp_path):
-    """The install cell in a running interpreter where ``google.colab`` exists: it clones, pip-installs (here into a
-    target folder, no dependencies: the test environment has them), and ``sepme_lib`` imports at once with its data."""
-    fake = tmp_path / "fake"
+@pytest.fixture(scope="module")
+def colab(tmp_path_factory):
+    """Run the install cell in a fresh interpreter where ``google.colab`` exists (a fake module on the path): it
+    clones a local copy of the course, pip-installs it (into a target folder, without dependencies: the test
+    environment has them; that install is a regular, non-editable one) and imports it without a restart."""
+    tmp = tmp_path_factory.mktemp("colab")
+    fake = tmp / "fake"
     (fake / "google" / "colab").mkdir(parents=True)
     (fake / "google" / "colab" / "__init__.py").write_text("")
     (fake / "google" / "colab" / "output.py").write_text(
         "CALLS = []\ndef enable_custom_widget_manager():\n    CALLS.append('widgets')\n")
-    src = _source_repo(tmp_path)
-    script = tmp_path / "kernel.py"
+    src = _source_repo(tmp)
+    script = tmp / "kernel.py"
     script.write_text(course.install_cell() + "\n" + "\n".join([
         "import sepme_lib as sm", "from sepme_lib import config", "import google.colab.output as out",
         "model = sm.load_model('tiny', device='cpu')",
-        "print('RESULT', ON_COLAB, sm.__file__, config.DATA, config.TINY_DIR.is_dir(), out.CALLS, model.family)"]))
-    env = dict(os.environ, PYTHONPATH=str(fake), SEPME_HOME=str(tmp_path / "home"), SEPME_CLONE_URL=str(src),
-               PIP_TARGET=str(tmp_path / "target"), PIP_NO_DEPS="1", PIP_NO_BUILD_ISOLATION="0",
+        "print('RESULT', ON_COLAB, sm.__file__, config.DATA, config.TINY_DIR.is_dir(), out.CALLS, model.family)",
+        # the pip-installed copy (no clone next to it): where does its config find data/?
+        "import importlib.util, os",
+        "spec = importlib.util.spec_from_file_location('installed_config', os.path.join(os.environ['PIP_TARGET'], "
+        "'sepme_lib', 'config.py'))",
+        "cfg = importlib.util.module_from_spec(spec); spec.loader.exec_module(cfg)",
+        "print('INSTALLED', cfg.VERSION, cfg.DATA, cfg.TINY_DIR.is_dir(), cfg.CLASSIFIER_PATH.exists())"]))
+    env = dict(os.environ, PYTHONPATH=str(fake), SEPME_HOME=str(tmp / "home"), SEPME_CLONE_URL=str(src),
+               PIP_TARGET=str(tmp / "target"), PIP_NO_DEPS="1", PIP_NO_BUILD_ISOLATION="0",
                PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("SEPME_DATA", None)
-    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    return tmp, r
+
+
+def test_install_cell_on_fake_colab_imports_without_restart(colab):
+    tmp, r = colab
     assert r.returncode == 0, r.stderr[-3000:]
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")][-1].split()
-    home = str(tmp_path / "home")
+    home = str(tmp / "home")
     assert line[1] == "True" and line[2].startswith(home) and line[3] == f"{home}/data" and line[4] == "True"
     assert "['widgets']" in r.stdout and line[-1] == "tiny"
-    assert (tmp_path / "target" / "sepme_lib" / "data" / "tiny_t2i").is_dir()  # pip installed the package too
+
+
+def test_regular_pip_install_ships_the_data(colab):
+    """The install cell's ``pip install`` (regular, not editable) put data/ in site-packages/sepme_lib/data, where the
+    installed package's ``config`` finds it (no clone next to it)."""
+    tmp, r = colab
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [x for x in r.stdout.splitlines() if x.startswith("INSTALLED")][-1].split()
+    assert line[1:] == [config.VERSION, str(tmp / "target" / "sepme_lib" / "data"), "True", "True"]
 
 
 def test_install_cell_does_nothing_outside_colab(tmp_path):
@@ -195,22 +213,6 @@ def test_install_cell_does_nothing_outside_colab(tmp_path):
                        capture_output=True, text=True, timeout=60, env=dict(os.environ, SEPME_HOME=str(tmp_path / "h")))
     assert r.returncode == 0 and "ON_COLAB False" in r.stdout, r.stderr
     assert not (tmp_path / "h").exists()
-
-
-def test_regular_pip_install_ships_the_data(tmp_path):
-    """``pip install .`` (not editable) puts data/ in site-packages/sepme_lib/data, where config finds it."""
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "--target", str(target), str(_source_repo(tmp_path))],
-                   check=True, capture_output=True, timeout=600)
-    env = dict(os.environ, PYTHONPATH=str(target))
-    env.pop("SEPME_DATA", None)
-    r = subprocess.run([sys.executable, "-c", "import sepme_lib, sepme_lib.config as c; "
-                        "print(sepme_lib.__version__, c.DATA, c.TINY_DIR.is_dir(), c.CLASSIFIER_PATH.exists())"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    version, data, tiny, clf = r.stdout.split()
-    assert (version, data, tiny, clf) == (config.VERSION, str(target / "sepme_lib" / "data"), "True", "True")
 
 
 def test_default_dtype(monkeypatch):
