@@ -188,7 +188,7 @@ class T2IModel:
     # ----------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, prompts, seeds=None, steps: int | None = None, guidance: float | None = None,
-               weights: dict | None = None, batch_size: int = 64, progress: bool = False,
+               weights: dict | None = None, batch_size: int | None = None, progress: bool = False,
                callback=None, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM sampling with classifier-free guidance; returns images in [0, 1] ``(B,3,H,W)`` on the CPU.
 
@@ -219,6 +219,7 @@ class T2IModel:
         g = self.guidance if guidance is None else guidance
         if not isinstance(g, (int, float)) or not math.isfinite(g):
             raise ValueError(f"guidance must be a finite number, got {g!r}")
+        batch_size = config.sample_batch(self.family) if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         if embeddings is not None and not torch.isfinite(embeddings).all():

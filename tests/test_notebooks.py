@@ -224,3 +224,16 @@ def test_default_dtype(monkeypatch):
     monkeypatch.setenv("SEPME_DTYPE", "fp8")
     with pytest.raises(ValueError, match="SEPME_DTYPE"):
         config.default_dtype("x", "cpu")
+
+
+def test_sample_batch_per_family(monkeypatch, tiny_sd):
+    monkeypatch.delenv("SEPME_BATCH", raising=False)
+    assert config.sample_batch("tiny") == 64 and config.sample_batch("sd") == 8
+    seen = []
+    real = tiny_sd.embed
+    monkeypatch.setattr(tiny_sd, "embed", lambda ps: seen.append(len(ps)) or real(ps))
+    tiny_sd.sample(["a cat"] * 10, steps=1)
+    assert [n for n in seen if n > 1] == [8, 2]  # two chunks of at most 8 prompts (1: the cached empty prompt)
+    monkeypatch.setenv("SEPME_BATCH", "0")
+    with pytest.raises(ValueError, match="SEPME_BATCH"):
+        config.sample_batch("sd")
