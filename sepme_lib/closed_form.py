@@ -15,8 +15,9 @@ Which token rows are keys is a choice (:func:`key_rows`); ``official=True`` repr
   weights and re-solve UCE anchored at the current weights, all ``L`` rows of ``c'`` aligned with all rows of the
   guide, targets and preserve values from the current weights; the last epoch is returned.
 
-The default (``official=False``) differs where ``docs/DESIGN.md`` says why: preserve rows are the ``keys`` rows too
-(``"tail"``), ``''`` is not added, and RECE's re-solves keep the original weights' guide values as targets.
+``official=True`` is the default of both model families (``methods.DEFAULTS``). ``official=False`` is a variant kept
+for comparison (notebook 06): preserve rows are the ``keys`` rows too, ``''`` is not added, and RECE's re-solves keep
+the original weights' guide values as targets.
 """
 from __future__ import annotations
 
