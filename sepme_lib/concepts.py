@@ -18,7 +18,9 @@ sqrt(1 - abar_t) eps`` with ``x_0`` from the reference set, ``t ~ U{0..T-1}`` an
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -278,6 +280,83 @@ def general_prompts(model, exclude, n: int = 64, seed: int = 0) -> list[str]:
         drop_shape = s.shape in exclude or rng.random() < 0.2
         out.append(s.caption(colour=rng.random() >= 0.2, shape=not drop_shape))
     return out
+
+
+# ------------------------------------------------------------------------------------------ caption pools
+# Concept-level protection and the separability benchmark (notebook 08) need many captions per concept, split once
+# into a "build" part (what an erasure may protect or train on) and a "held-out" part (what only the benchmark reads).
+SD_CAPTIONS = SD_TEMPLATES + ("an artwork in the style of {}", "a landscape in the style of {}",
+                              "a painting of a cat by {}", "a painting of a dog by {}", "a tree painted by {}",
+                              "a painting of a car in the style of {}", "a photo in the style of {}",
+                              "a cat painted by {}")
+SD_BLANK = SD_ANCHORS[1:] + ("a painting of a cat", "a painting of a dog", "a tree", "a photo of a car",
+                             "a painting of a tree", "a photo of a cat", "a dog")
+BUILD_SHARE = 0.5  # share of a concept's captions in its build part
+
+
+def concept_captions(model, name: str) -> list[str]:
+    """Every caption of ``name`` the concept set can write: on the bundled world every shape (or none) x colour (or
+    none) with the style phrase (30 per style; ``blank``: no style phrase) or, for a shape, every style x colour;
+    on SD the artist in 12 caption templates (``blank``: 10 artist-free captions)."""
+    cs = concept_set(model)
+    cs.check(name)
+    if model.family == "tiny":
+        colours = list(world.COLOUR_NAMES) + [None]
+        if world.concept_kind(name) == "style":
+            return [world.caption(s, name, c) for s in list(world.SHAPES) + [None] for c in colours]
+        return [world.caption(name, st, c) for st in world.STYLES for c in colours]
+    return list(SD_BLANK) if name == "blank" else [t.format(name) for t in SD_CAPTIONS]
+
+
+def listed_prompts(model, name: str) -> list[str]:
+    """The prompts every method of the course may already use for ``name`` (its 4 prompts; for ``blank`` the
+    style-free captions of UCE's preserve set, or SD's anchors): they always fall in the build part."""
+    if name != "blank":
+        return concept_set(model).prompts(name, 4)
+    if model.family == "tiny":
+        return [world.caption(world.SHAPES[i % len(world.SHAPES)], None, world.COLOUR_NAMES[i % 4]) for i in range(4)]
+    return list(SD_ANCHORS[1:])
+
+
+def caption_split(model, name: str, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(build, held_out)`` captions of ``name`` (:func:`concept_captions`): the listed prompts plus a seeded
+    shuffle of the rest fill :data:`BUILD_SHARE` of them; the others are held out. The same on every call, for
+    every method: an erasure protects or trains on build captions only, the separability benchmark scores held-out
+    ones (notebook 08)."""
+    caps = concept_captions(model, name)
+    listed = [p for p in listed_prompts(model, name) if p in caps]
+    rest = [p for p in caps if p not in listed]
+    order = np.random.default_rng([seed, sum(ord(ch) * 31 ** i for i, ch in enumerate(name)) % 2**31]).permutation(
+        len(rest))
+    rest = [rest[i] for i in order]
+    k = max(0, round(len(caps) * BUILD_SHARE) - len(listed))
+    return listed + rest[:k], rest[k:]
+
+
+def _names(text: str, names) -> bool:
+    low = f" {text.lower()} "
+    return any(f" {n.lower()} " in low for n in names)
+
+
+def prior_captions(model, exclude, path=None) -> list[str]:
+    """The general prior of concept-level protection (SepME ``protection="concept"``, SPEED): build captions of
+    every concept of the set except ``exclude`` (on the bundled world, of every style incl. ``blank``: every
+    caption has one style). On SD, the lines of a caption file (``path`` or ``$SEPME_CAPTIONS``, e.g. MS-COCO
+    captions, one per line) that name none of ``exclude`` as a whole word (SPEED's filter), else the build captions
+    of the other artists and of ``blank``."""
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    if model.family == "tiny":
+        shapes = [e for e in exclude if e in world.SHAPES]
+        out = [p for s in world.STYLES if s not in exclude for p in caption_split(model, s)[0]]
+        return [p for p in out if not _names(p, shapes)]
+    path = path or os.environ.get("SEPME_CAPTIONS", "").strip() or None
+    if path is not None:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+        out = [t.strip() for t in lines if t.strip() and not _names(t.strip(), exclude)]
+        if not out:
+            raise ConceptError(f"the caption file {path} has no caption without {exclude}")
+        return list(dict.fromkeys(out))
+    return [p for c in concept_set(model).evaluate if c not in exclude for p in caption_split(model, c)[0]]
 
 
 # ------------------------------------------------------------------------------------------ x_t sampler
