@@ -13,6 +13,11 @@ Shapes (torch stores a linear layer ``d_out x d_in``; the paper writes the trans
 * ``w_i``: ``(d_out, n_null)`` per matrix, initialised to zero; ``dW_i = beta * w_i @ S_i^T`` (Eq. 10), so
   ``A_i @ dW_i^T = beta * A_i S_i w_i^T = 0``: the keys and values of every protected prompt are unchanged, and so is
   every noise prediction for them.
+
+Soft null space (beyond the paper, notebook 08): ``null_space(A, prior=R, soft=s)`` keeps, inside the exact null
+space of ``A``, the eigenvectors of the prior's second-moment matrix ``R^T R / n`` whose eigenvalue is at most
+``s * lambda_max`` (AlphaEdit's and SPEED's projector, with a cut relative to the largest eigenvalue). ``A`` stays
+exact (certified); the prior's rows only get small, measured changes.
 """
 from __future__ import annotations
 
@@ -34,13 +39,17 @@ class NullSpace(NamedTuple):
 
     ``basis`` ``S`` ``(d_in, n_null)`` (orthonormal columns, float64); ``singular_values`` of ``A``; ``rank``;
     ``tol`` = ``rtol * s_max`` (singular values at or below it count as zero); ``residual`` = ``||A S||_2``, measured,
-    which is at most ``tol`` by construction (it equals the largest discarded singular value)."""
+    which is at most ``tol`` by construction (it equals the largest discarded singular value). With a prior
+    (soft null space): ``exact_dim``, the cut ``soft`` and ``prior_energy``."""
 
     basis: torch.Tensor
     singular_values: torch.Tensor
     rank: int
     tol: float
     residual: float
+    exact_dim: int | None = None  # dimension of the exact null space of A (before the soft cut)
+    soft: float = 0.0             # the relative eigenvalue cut of the prior (0: no prior, or its exact null space)
+    prior_energy: float = 0.0     # ||R S||_F^2 / ||R||_F^2: share of the prior's energy the basis still reads
 
     @property
     def dim(self) -> int:
@@ -55,11 +64,17 @@ def stack_rows(model, prompts) -> torch.Tensor:
     return torch.cat([model.empty()[0] if p == "" else model.embed([p])[0] for p in prompts])
 
 
-def null_space(A: torch.Tensor, rtol: float = NULL_RTOL) -> NullSpace:
+def null_space(A: torch.Tensor, rtol: float = NULL_RTOL, prior: torch.Tensor | None = None,
+               soft: float = 0.0) -> NullSpace:
     """Orthonormal basis of ``{x : A x = 0}`` by SVD in float64 (Eqs. 6-9), with its measured residual.
 
     ``A = U diag(s) V^T``; the right singular vectors whose singular value is ``<= rtol * s_max`` span the
     (numerical) null space. Returns a :class:`NullSpace`; ``residual <= tol`` holds by construction and is checked.
+
+    ``prior`` (rows ``R``, ``(n, d_in)``) and ``soft`` (beyond the paper, notebook 08): inside that null space keep
+    only the eigenvectors of ``S^T (R^T R / n) S`` with eigenvalue ``<= max(soft, rtol^2) * lambda_max(R^T R / n)``
+    -- a soft null space of the prior (``soft = 0``: its exact null space too). The certificate for ``A`` is
+    unchanged; the prior's rows keep ``prior_energy`` of their energy in the basis.
     """
     if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.numel() == 0:
         raise ValueError(f"A must be a non-empty 2-D tensor (rows x d_in), got {getattr(A, 'shape', type(A))}")
@@ -76,7 +91,19 @@ def null_space(A: torch.Tensor, rtol: float = NULL_RTOL) -> NullSpace:
     # ||A S||_2 equals the largest discarded singular value (<= tol); allow float64 rounding of the product
     if residual > tol + 1e-12 * float(s.max()):
         raise ArithmeticError(f"null space check failed: ||A S||_2 = {residual:.3g} > tol {tol:.3g}")
-    return NullSpace(S, s, rank, tol, residual)
+    if prior is None:
+        return NullSpace(S, s, rank, tol, residual)
+    if not isinstance(soft, (int, float)) or isinstance(soft, bool) or not 0 <= soft < 1:
+        raise ValueError(f"soft (the relative eigenvalue cut of the prior) must be a number in [0, 1), got {soft!r}")
+    R = prior.detach().to("cpu", torch.float64).reshape(-1, A64.shape[1])
+    if not torch.isfinite(R).all():
+        raise ValueError("the prior rows contain NaN or inf values")
+    C = R.T @ R / max(1, len(R))
+    ev, V = torch.linalg.eigh(S.T @ C @ S)
+    cut = max(float(soft), rtol ** 2) * float(torch.linalg.eigvalsh(C).max())
+    Ss = (S @ V[:, ev <= cut]).contiguous()
+    energy = float((R @ Ss).pow(2).sum() / R.pow(2).sum().clamp_min(1e-300))
+    return NullSpace(Ss, s, rank, tol, residual, exact_dim=S.shape[1], soft=float(soft), prior_energy=energy)
 
 
 def check_capacity(ns: NullSpace, n_prompts: int, name: str, minimum: int) -> None:
@@ -87,22 +114,31 @@ def check_capacity(ns: NullSpace, n_prompts: int, name: str, minimum: int) -> No
         raise CapacityError(
             f"the null space left for concept {name!r} has dimension {ns.dim} (= d_in {d_in} - rank {ns.rank} of "
             f"{n_prompts} protected prompts), below the minimum {minimum}. Protect fewer prompts, use a "
-            "shorter tokenizer length, or erase in several iterative stages (mode='iterative').")
+            "shorter tokenizer length, erase in several iterative stages (mode='iterative')"
+            + (f", or raise the soft cut (soft={ns.soft:g}; {ns.exact_dim} dimensions before it)"
+               if ns.exact_dim is not None else "") + ".")
 
 
 def decoupled_increment(model, name: str, protect_prompts, beta: float, min_null_dim: int, lr: float,
-                        tau: float) -> Increment:
+                        tau: float, prior_prompts=None, soft: float = 0.0) -> Increment:
     """``dW = beta * w S^T`` on every attn2 to_k/to_v, ``S`` spanning ``null(A)`` of the protected prompts, ``w = 0``
-    (Eq. 10). Raises :class:`CapacityError` before anything trains when the null space is too small."""
+    (Eq. 10). Raises :class:`CapacityError` before anything trains when the null space is too small.
+
+    ``prior_prompts`` and ``soft``: the soft null space of :func:`null_space` (concept-level protection, notebook
+    08); the protected prompts stay exact, the prior's are recorded in ``info["prior"]``."""
     protect_prompts = list(dict.fromkeys(protect_prompts))
-    ns = null_space(stack_rows(model, protect_prompts))
+    prior_prompts = None if prior_prompts is None else list(dict.fromkeys(prior_prompts))
+    prior = None if prior_prompts is None else stack_rows(model, prior_prompts)
+    ns = null_space(stack_rows(model, protect_prompts), prior=prior, soft=soft)
     check_capacity(ns, len(protect_prompts), name, min_null_dim)
     S = ns.basis.to(model.device, torch.float32)
     params = {k: torch.zeros(p.shape[0], S.shape[1], device=model.device, requires_grad=True)
               for k, p in model.params(model.kv_weight_names()).items()}
-    return Increment(name, params, lr=lr, tau=tau, basis=S, beta=beta,
-                     info=dict(null_dim=ns.dim, rank=ns.rank, d_in=S.shape[0], null_residual=ns.residual,
-                               null_tol=ns.tol, protected=protect_prompts))
+    info = dict(null_dim=ns.dim, rank=ns.rank, d_in=S.shape[0], null_residual=ns.residual, null_tol=ns.tol,
+                protected=protect_prompts)
+    if prior_prompts is not None:
+        info.update(prior=prior_prompts, soft=ns.soft, exact_null_dim=ns.exact_dim, prior_energy=ns.prior_energy)
+    return Increment(name, params, lr=lr, tau=tau, basis=S, beta=beta, info=info)
 
 
 # ------------------------------------------------------------------------------------------ certificate
