@@ -31,6 +31,8 @@ from .deltas import Delta
 
 L1_FORMS = ("delta", "w", "w_mean")
 SINGLE_MODES = ("anchors", "plain")
+PROTECTIONS = ("prompt", "concept")
+TARGETS = ("decorrelate", "anchor")
 
 
 @dataclass
@@ -53,6 +55,12 @@ class Settings:
     min_null_dim: int = 16      # smaller null spaces are refused (CapacityError)
     single: str = "plain"       # one concept alone: "plain" (A = {c_0}) or "anchors" (also protect its anchors)
     single_warmup: int = 150    # with single="anchors": at least this many steps before the stop test
+    # beyond the paper (notebook 08; the defaults below are the paper's behaviour):
+    protection: str = "prompt"  # "prompt": A_i = c_0 + listed prompts; "concept": + a soft null space of many captions
+    soft: float = 0.0           # protection="concept": relative eigenvalue cut of the prior (nullspace.null_space)
+    target: str = "decorrelate"  # "decorrelate": L_cor (Eq. 2); "anchor": match the anchor's representation
+    anchor_tau: float = 0.3     # target="anchor": stop when the momentum of the anchor residual is below it
+    cache: int = 0              # x_t per concept drawn once with their frozen outputs, reused (0: fresh every step)
 
     def __post_init__(self):
         for k in ("lr", "gcirs_lr", "beta"):
@@ -75,6 +83,16 @@ class Settings:
             raise ValueError(f"l1 must be one of {L1_FORMS}, got {self.l1!r}")
         if self.single not in SINGLE_MODES:
             raise ValueError(f"single must be one of {SINGLE_MODES}, got {self.single!r}")
+        if self.protection not in PROTECTIONS:
+            raise ValueError(f"protection must be one of {PROTECTIONS}, got {self.protection!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        for k, ok in (("soft", lambda v: 0 <= v < 1), ("anchor_tau", lambda v: 0 < v < 10)):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not ok(v):
+                raise ValueError(f"{k} must be a number in " + ("[0, 1)" if k == "soft" else "(0, 10)") + f", got {v!r}")
+        if isinstance(self.cache, bool) or not isinstance(self.cache, int) or self.cache < 0:
+            raise ValueError(f"cache must be a whole number >= 0 (x_t per concept; 0: no cache), got {self.cache!r}")
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -101,6 +119,37 @@ def eta_weights(rs, r_news) -> list[float]:
     of the elementwise products, which never divides by a loss that crosses zero."""
     norms = [float((r.detach() * rn.detach()).norm()) for r, rn in zip(rs, r_news)]
     return [norms[0] / max(n, 1e-30) for n in norms]
+
+
+def anchor_residual(r: torch.Tensor, r_new: torch.Tensor, r_anchor: torch.Tensor) -> torch.Tensor:
+    """Beyond the paper (``target="anchor"``, notebook 08): ``||r_{theta+dtheta}(c) - r_theta(c_a)||^2 /
+    ||r_theta(c) - r_theta(c_a)||^2`` over the batch, ``c_a`` the prompt's anchor (Ablating Concepts' and UCE's
+    target): 1 at the start, 0 when the edited model treats ``c`` as its anchor. Scale-free, so ``eta = 1``."""
+    return (r_new - r_anchor).pow(2).sum() / (r.detach() - r_anchor).pow(2).sum().clamp_min(1e-12)
+
+
+def _frozen(model, X, T, E, E0, Ea=None):
+    """The frozen model's ``eps(x_t, c_0)``, ``r_theta(c)`` and (with anchors ``Ea``) ``r_theta(c_a)``, one pass."""
+    with torch.no_grad():
+        if Ea is None:
+            e_c, e_0 = model.eps(torch.cat([X, X]), torch.cat([T, T]), torch.cat([E, E0])).chunk(2)
+            return e_0, concept_representation(e_c, e_0), None
+        e_c, e_0, e_a = model.eps(torch.cat([X, X, X]), torch.cat([T, T, T]), torch.cat([E, E0, Ea])).chunk(3)
+        return e_0, concept_representation(e_c, e_0), concept_representation(e_a, e_0)
+
+
+def _pool(model, concepts, embs, aembs, c0, s, gen) -> list:
+    """``cache``: the first ``ceil(cache / batch)`` steps' batches (at most ``cap``) of every concept, drawn in the
+    uncached loop's order, with their frozen outputs computed once, step by step as the uncached loop would (so a run
+    that stops within the pool gives the same increments bit for bit); later steps cycle through them."""
+    out = []
+    for _ in range(min(-(-s.cache // s.batch), s.cap)):
+        bs = [draw_batch(model, c.latents, e, s.batch, gen) for c, e in zip(concepts, embs)]
+        X, T, E = (torch.cat([b[k] for b in bs]) for k in range(3))
+        Ea = torch.cat([a[b[3]] for a, b in zip(aembs, bs)]) if aembs is not None else None
+        e_0, r, r_a = _frozen(model, X, T, E, c0.expand(len(X), -1, -1), Ea)
+        out.append(dict(X=X, T=T, E=E, e_0=e_0, r=r, r_a=r_a))
+    return out
 
 
 class MomentumStop:
@@ -188,11 +237,19 @@ class ErasureDiverged(FloatingPointError):
 
 # ------------------------------------------------------------------------------------------------ the loop
 def train(model, concepts, increments, owner, s, skip_empty: bool, progress: bool = True, desc: str = "erasing",
-          checkpoint=None):
+          checkpoint=None, anchors=None):
     """The shared loop (module docstring). ``owner[i]``: the increment index of concept ``i``; ``s``: :class:`Settings`.
     Returns the history (per-step ``L_cor``, ``eta``, ``L_mom``). ``checkpoint``: a ``checkpoint.Checkpoint`` to save
-    the loop's state to every few steps and resume from (``None``: the loop runs exactly as without it)."""
+    the loop's state to every few steps and resume from (``None``: the loop runs exactly as without it).
+
+    Beyond the paper (notebook 08): ``s.target == "anchor"`` trains and monitors :func:`anchor_residual` instead of
+    ``L_cor`` (``anchors[i]``: one anchor prompt per prompt of concept ``i``); ``s.cache > 0`` draws the ``x_t`` of
+    the first ``cache / batch`` steps once with the frozen outputs (:func:`_pool`) and cycles through them."""
     gen = torch.Generator().manual_seed(s.seed)
+    anchor = s.target == "anchor"
+    if anchor and (anchors is None or [len(a) for a in anchors] != [len(c.prompts) for c in concepts]):
+        raise ValueError("target='anchor' needs one anchor prompt per prompt of every concept (anchors=[[...], ...])")
+    aembs = [model.embed(a) for a in anchors] if anchor else None
     base = model.params({k for inc in increments for k in inc.params})
     opts = [torch.optim.Adam(list(inc.params.values()), lr=inc.lr) for inc in increments]
     monitors = [MomentumStop(s.alpha, increments[owner[i]].tau, s.warmup, s.cap) for i in range(len(concepts))]
@@ -200,7 +257,10 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
     embs = [c.embedding(model) for c in concepts]
     c0 = model.empty()
     hist = dict(step=[], lcor=[[] for _ in concepts], eta=[[] for _ in concepts], lmom=[[] for _ in concepts])
+    if anchor:
+        hist["monitored"] = "anchor residual"  # hist["lcor"] then holds the anchor residuals
     t_start = time.time()
+    pool = _pool(model, concepts, embs, aembs, c0, s, gen) if s.cache else None
     step = 0
     stage = None
     if checkpoint is not None:  # resume from the last save of this loop, if any
@@ -215,16 +275,28 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
     while any(x is None for x in stopped):
         active = [i for i in range(len(concepts)) if stopped[i] is None]
         computed = sorted(set(active) | {0})  # concept 1 is always computed: eta is relative to it
-        # 1. x_t for each computed concept
-        batches = [draw_batch(model, concepts[i].latents, embs[i], s.batch, gen) for i in computed]
-        X = torch.cat([b[0] for b in batches])
-        T = torch.cat([b[1] for b in batches])
-        E = torch.cat([b[2] for b in batches])
-        E0 = c0.expand(len(X), -1, -1)
-        # 2. frozen representations r_theta(c), no gradient
-        with torch.no_grad():
-            e_c, e_0 = model.eps(torch.cat([X, X]), torch.cat([T, T]), torch.cat([E, E0])).chunk(2)
-            r = concept_representation(e_c, e_0)
+        r_a = None
+        if pool is not None:  # 1.-2. from the cache: the computed concepts' rows of this step's pool entry
+            p = pool[step % len(pool)]
+            rows = torch.cat([torch.arange(i * s.batch, (i + 1) * s.batch) for i in computed])
+            X, T, E, e_0, r = (p[k][rows] for k in ("X", "T", "E", "e_0", "r"))
+            r_a = p["r_a"][rows] if anchor else None
+            E0 = c0.expand(len(X), -1, -1)
+        else:
+            # 1. x_t for each computed concept
+            batches = [draw_batch(model, concepts[i].latents, embs[i], s.batch, gen) for i in computed]
+            X = torch.cat([b[0] for b in batches])
+            T = torch.cat([b[1] for b in batches])
+            E = torch.cat([b[2] for b in batches])
+            E0 = c0.expand(len(X), -1, -1)
+            # 2. frozen representations r_theta(c), no gradient
+            if anchor:
+                Ea = torch.cat([aembs[i][b[3]] for i, b in zip(computed, batches)])
+                e_0, r, r_a = _frozen(model, X, T, E, E0, Ea)
+            else:
+                with torch.no_grad():
+                    e_c, e_0 = model.eps(torch.cat([X, X]), torch.cat([T, T]), torch.cat([E, E0])).chunk(2)
+                    r = concept_representation(e_c, e_0)
         # 3. the edited model theta + sum_g dTheta_g, one pass; frozen increments are constants
         dws = [inc.dW() if inc.stopped_at is None else {k: v.detach() for k, v in inc.dW().items()}
                for inc in increments]
@@ -236,8 +308,12 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
             r_new = concept_representation(e_c_new, e_0_new)
         # 4. eta-balanced correlation losses over the active concepts, + L1 on the training increments
         rs, rns = r.split(s.batch), r_new.split(s.batch)
-        lcors = [correlation_loss(a, b) for a, b in zip(rs, rns)]
-        etas = eta_weights(rs, rns)  # relative to computed[0] = concept 1
+        if anchor:  # scale-free residuals: no eta balance
+            lcors = [anchor_residual(a, b, c) for a, b, c in zip(rs, rns, r_a.split(s.batch))]
+            etas = [1.0] * len(lcors)
+        else:
+            lcors = [correlation_loss(a, b) for a, b in zip(rs, rns)]
+            etas = eta_weights(rs, rns)  # relative to computed[0] = concept 1
         loss = sum(etas[j] * lcors[j] for j, i in enumerate(computed) if i in active)
         training = [inc for inc in increments if inc.stopped_at is None]
         if s.lam:

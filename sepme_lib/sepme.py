@@ -17,11 +17,20 @@ One concept alone (``single="anchors"``, the bundled model's default, see ``meth
 the concept's anchor prompts (its prompts with the concept phrase removed), and at least ``single_warmup`` steps
 before the stop test. Without it, an increment is free to change the keys of the words every caption shares (README,
 "SepME on one concept"). ``single="plain"`` is the paper's ``A = {c_0}``.
+
+Beyond the paper (notebook 08; settings of ``gcirs.Settings``, the paper's behaviour by default):
+
+* ``protection="concept"``: ``A_i`` stays exact (certified) and a soft null space (cut ``soft``) also keeps the
+  rows of a general prior nearly unchanged: ``c_0`` and the build captions of every other concept of the set
+  (``concepts.prior_captions``); each concept trains on its own build captions; SepME_2's first stage is a
+  decoupled increment too (``A_1 = c_0`` + the prior) instead of G-CiRs on all cross-attention parameters;
+* ``target="anchor"``: the increment maps each prompt to its anchor's representation (``gcirs.anchor_residual``);
+* ``cache``: the frozen outputs of a fixed pool of ``x_t`` (``gcirs._pool``).
 """
 from __future__ import annotations
 
 from . import config
-from .concepts import anchors_for
+from .concepts import Concept, ConceptError, anchors_for, caption_split, concept_set, prior_captions
 from .deltas import Delta
 from .gcirs import Settings, gcirs, to_delta, train
 from .nullspace import decoupled_increment
@@ -43,8 +52,27 @@ def protected_sets(concepts, mode: str, protect=()) -> list:
     return [[""] + flat(prompts[:i] + prompts[i + 1:]) + protect for i in range(len(concepts))]
 
 
+def _known(model, name: str) -> bool:
+    try:
+        concept_set(model).check(name)
+        return True
+    except ConceptError:
+        return False
+
+
+def concept_level(model, concepts, prior=None):
+    """``protection="concept"``: the concepts with their build captions as prompts (``concepts.caption_split``;
+    a concept outside the model's concept set keeps its prompts) and, per concept, the soft prior ``c_0`` + the
+    general prior without that concept (``concepts.prior_captions``; ``prior``: a caption file on SD)."""
+    train = [Concept(c.name, list(dict.fromkeys(c.prompts + caption_split(model, c.name)[0])), c.latents)
+             if _known(model, c.name) else c for c in concepts]
+    priors = [[""] + [p for p in prior_captions(model, [c.name], prior) if p not in set(t.prompts)]
+              for c, t in zip(concepts, train)]
+    return train, priors
+
+
 def sepme(model, concepts, mode: str = "separate", settings: Settings | None = None, protect=(), anchor=None,
-          progress: bool = True, checkpoint=None) -> list[Delta]:
+          progress: bool = True, checkpoint=None, prior=None) -> list[Delta]:
     """SepME: one :class:`Delta` per concept, ``dW_i = beta w_i S_i^T`` on every attn2 to_k/to_v (Algorithm 2).
 
     ``settings``: a :class:`Settings` (``erase(..., method="sepme")`` fills it from ``methods.DEFAULTS`` for the
@@ -52,7 +80,8 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
     unchanged. ``anchor``: the anchors of a single concept when ``settings.single == "anchors"`` (default: the
     concept set's rule). Capacity is checked for every concept before any training starts
     (``nullspace.CapacityError``). ``checkpoint``: a ``checkpoint.Checkpoint`` every training loop saves to and
-    resumes from (the command line's resumable ``erase``)."""
+    resumes from (the command line's resumable ``erase``). ``prior``: with ``protection="concept"`` on SD, a caption
+    file for the general prior (module docstring; ``anchor`` then also names the targets of ``target="anchor"``)."""
     s = settings or Settings()
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
@@ -62,7 +91,8 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
     protect = list(protect)
     if any(not isinstance(p, str) for p in protect):
         raise TypeError(f"protect must be a list of prompt strings, got {protect!r}")
-    single = len(concepts) == 1 and mode in ("separate", "joint") and s.single == "anchors"
+    concept_mode = s.protection == "concept"
+    single = len(concepts) == 1 and mode in ("separate", "joint") and s.single == "anchors" and not concept_mode
     anchors = anchors_for(model, concepts[0], anchor) if single else []
     if single:
         protect += anchors
@@ -75,25 +105,37 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
     taus = list(s.tau) if isinstance(s.tau, (list, tuple)) else [s.tau] * len(concepts)
     if len(taus) != len(concepts):
         raise ValueError(f"{len(taus)} stop thresholds (tau) for {len(concepts)} concepts; give one, or one per concept")
+    if s.target == "anchor":  # the monitor watches the anchor residual
+        taus = [s.anchor_tau] * len(concepts)
     sets = protected_sets(concepts, mode, protect)
+    priors = [None] * len(concepts)
+    if concept_mode:  # exact A_i as above, plus a soft prior; each concept trains on its build captions
+        concepts, priors = concept_level(model, concepts, prior)
+        sets[0] = sets[0] if sets[0] is not None else [""] + protect
+        clash = sorted({p for c in concepts for p in c.prompts} & set(protect))
+        if clash:
+            raise ValueError(f"prompt(s) {clash} are both erased (build captions) and protected; remove them from "
+                             "protect=")
+    targets = [anchors_for(model, c, anchor) for c in concepts] if s.target == "anchor" else None
     # build (and capacity-check) every increment before training anything
-    incs = [None if p is None else decoupled_increment(model, c.name, p, s.beta, s.min_null_dim, s.lr, tau)
-            for c, p, tau in zip(concepts, sets, taus)]
+    incs = [None if p is None else decoupled_increment(model, c.name, p, s.beta, s.min_null_dim, s.lr, tau, q, s.soft)
+            for c, p, tau, q in zip(concepts, sets, taus, priors)]
     method = METHOD_NAMES[mode]
-    extra = [dict(mode=mode, stage=t + 1, prompts=list(c.prompts), anchors=anchors) for t, c in enumerate(concepts)]
+    extra = [dict(mode=mode, stage=t + 1, prompts=list(c.prompts), anchors=targets[t] if targets else anchors)
+             for t, c in enumerate(concepts)]
     if mode == "joint":
         hist = train(model, concepts, incs, list(range(len(concepts))), s, skip_empty=True, progress=progress,
-                     desc="SepME joint", checkpoint=checkpoint)
+                     desc="SepME joint", checkpoint=checkpoint, anchors=targets)
         return [to_delta(model, inc, c.name, method, s, hist, e) for inc, c, e in zip(incs, concepts, extra)]
     deltas = []
-    for c, inc, e in zip(concepts, incs, extra):
+    for t, (c, inc, e) in enumerate(zip(concepts, incs, extra)):
         if inc is None:  # SepME_2 step 1: G-CiRs on all cross-attention parameters
             d = gcirs(model, [c], s, progress=progress, checkpoint=checkpoint)
             d.method = method
             d.info.update(e)
         else:
             hist = train(model, [c], [inc], [0], s, skip_empty=True, progress=progress, desc=f"SepME {c.name}",
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, anchors=None if targets is None else [targets[t]])
             d = to_delta(model, inc, c.name, method, s, hist, e)
         deltas.append(d)
     return deltas
