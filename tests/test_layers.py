@@ -115,4 +115,5 @@ def test_public_api():
                  "generate", "acc_table"):
         assert callable(getattr(sm, name)), name
     assert callable(sm.Delta.save) and callable(sm.Delta.load)
-    assert set(sm.METHODS) == {"sepme", "gcirs", "esd", "ablating", "fmn", "uce", "rece", "mace", "all_but_one"}
+    assert set(sm.METHODS) == {"sepme", "gcirs", "esd", "ablating", "fmn", "uce", "rece", "mace", "all_but_one",
+                               "speed"}
