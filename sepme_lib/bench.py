@@ -8,6 +8,8 @@
 * ``widgets``   -- refresh time of the interactive grid (``widgets.benchmark_refresh``).
 * ``deltas``    -- trains SepME_1 on the three styles with the default settings and writes the bundled
   increments ``data/deltas/sepme1_<style>.safetensors`` (``sepme.bundled_deltas``).
+* ``separability`` -- held-out (concept-level) separability of SepME, SPEED, UCE, MACE; speed; trade-off curve
+  (``separability.benchmark``, notebook 08).
 
 ``--json`` prints one JSON object instead of markdown; ``--save`` writes ``data/results/<what>_<profile>.json``.
 Every number comes from the public API (``erase``, ``acc_table``, ``combine``), as in the notebooks.
@@ -21,7 +23,7 @@ import time
 
 import numpy as np
 
-from . import config, gcirs, methods, nullspace, report, sepme, world
+from . import config, gcirs, methods, nullspace, report, separability, sepme, world
 from .classifier import accuracy, load_classifier
 from .concepts import make_concepts
 from .evaluate import acc_table, combination_table, eval_prompts, generate, others_mean, redteam_probe
@@ -261,6 +263,9 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("widgets", parents=[common], help="refresh time of notebook 05's widget")
     g.add_argument("--repeats", type=config.positive_int, default=5)
     sub.add_parser("deltas", parents=[common], help="retrain the bundled SepME_1 increments in data/deltas/")
+    sp = sub.add_parser("separability", parents=[common, prof], help="held-out separability, speed, trade-off curve")
+    sp.add_argument("--entries", default=None, help=f"comma-separated subset of {', '.join(separability.SPECS)}")
+    sp.add_argument("--no-curve", action="store_true", help="skip the trade-off curve")
     return ap
 
 
@@ -294,6 +299,15 @@ def main(argv=None):
         res = bench_passes(args.steps)
     elif args.what == "deltas":
         res = make_bundled_deltas()
+    elif args.what == "separability":
+        entries = [e.strip() for e in args.entries.split(",") if e.strip()] if args.entries else None
+        bad = [e for e in entries or [] if e not in separability.SPECS]
+        if bad or entries == []:
+            raise SystemExit(f"--entries: unknown or empty {bad or args.entries!r}; choose from "
+                             f"{', '.join(separability.SPECS)}")
+        res = separability.benchmark(prof, entries, curve=not args.no_curve,
+                                     checkpoint=(lambda out: save(dict(out, complete=False))) if args.save else None)
+        res["complete"] = True
     elif args.what == "relatives":
         res = relatives_benchmark(prof, methods_=methods_)
         if args.save and methods_ and path.exists():
