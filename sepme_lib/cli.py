@@ -235,7 +235,8 @@ def erase(args) -> int:
         folder = out / adapter_name(d.name)
         exp = d.to_lora(args.rank, args.rtol, model)
         write(exp, folder, model_card(exp, acc, args.model))
-        print(f"{folder}: {exp.summary()}; {d.method}, {d.info.get('steps')} steps", flush=True)
+        steps = f", {d.info['steps']} steps" if d.info.get("steps") else ""
+        print(f"{folder}: {exp.summary()}; {d.method}{steps}", flush=True)
     (out / "erase_summary.json").write_text(json.dumps(dict(run, folders=[adapter_name(d.name) for d in deltas],
                                                             acc=acc, seconds=round(time.time() - t0, 1)), indent=1))
     _finish(t0, model.device)
