@@ -133,7 +133,8 @@ def sepme_markdown(out: dict) -> str:
     for key, name in (("tau_sweep", "tau"), ("lam_sweep", "lam")):
         if key in out:
             rows = [dict({name: r[name]}, steps=r["steps"], others=r["others"], l1=r["l1"], **r["acc"]) for r in out[key]]
-            parts += [f"\n\n{name} sweep, SepME_1 erasing {out.get('sweep_concept', 'striped')} alone (Table 6 layout)\n",
+            parts += [f"\n\n{name} sweep, SepME_1 erasing {out.get('sweep_concept', 'striped')} alone, "
+                      f"{out.get('sweep_setting', '')} (Table 6 layout)\n",
                       markdown_table(rows, [name, "steps"] + evals + ["others", "l1"])]
     if not out.get("complete", True):
         parts += ["\n\n(partial results: the run was stopped before its remaining sections)"]
