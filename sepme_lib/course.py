@@ -253,7 +253,8 @@ def run_on_random_sd(out_dir: Path | None = None, pattern: str = PATTERN) -> lis
         t0 = time.time()
         folders = random_sd.build_folder(Path(tmp) / "rsd")
         print(f"random SD folder in {time.time() - t0:.0f} s: {folders['pipeline']}", flush=True)
-        env = dict(MODEL=str(folders["pipeline"]), SEPME_CLIP=str(folders["clip"]), PROFILE="ci", SEPME_DEVICE="cpu")
+        env = dict(MODEL=str(folders["pipeline"]), SEPME_CLIP=str(folders["clip"]), PROFILE="ci", SEPME_DEVICE="cpu",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1")
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
