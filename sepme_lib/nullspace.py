@@ -5,11 +5,11 @@ Introduced in ``notebooks/03_weight_decoupling_nullspace.ipynb``.
 
 Shapes (torch stores a linear layer ``d_out x d_in``; the paper writes the transpose):
 
-* ``A_i``: ``(k L, d_in)`` -- all ``L`` embedding rows of the ``k`` protected prompts stacked (Eq. 5: every other
+* ``A_i``: ``(k L, d_in)`` -- all ``L`` embedding rows of the ``k`` protected prompts stacked (Eq. 8: every other
   concept, ``c_0``, and anything the user asks to protect). One ``A_i`` serves every attn2 to_k/to_v, since all of
   them read the same text embedding.
 * ``S_i``: ``(d_in, n_null)`` -- an orthonormal basis of ``null(A_i) = {x : A_i x = 0}`` from an SVD in float64
-  (Eqs. 6-9: the paper's ``A_i W = 0`` solved for all ``W`` at once).
+  (the conditions of Eqs. 6-7, ``c_j dW = 0``, solved for all ``dW`` at once; the paper's ``S_p`` of Eq. 9).
 * ``w_i``: ``(d_out, n_null)`` per matrix, initialised to zero; ``dW_i = beta * w_i @ S_i^T`` (Eq. 10), so
   ``A_i @ dW_i^T = beta * A_i S_i w_i^T = 0``: the keys and values of every protected prompt are unchanged, and so is
   every noise prediction for them.
@@ -27,7 +27,12 @@ import torch
 
 from .gcirs import Increment
 
-NULL_RTOL = 1e-6  # singular values <= NULL_RTOL * s_max count as zero (then ||A S||_2 <= NULL_RTOL * s_max)
+# Singular values <= tol count as zero, tol = rtol * s_max. The default rtol (None) is NumPy's matrix_rank rule,
+# max(rows, d_in) * eps(float64): the exact rank of the float32 embeddings stored in A. Their small singular values
+# (down to ~1e-6 * s_max on the bundled model) are real, and below them the spectrum drops ~9 decades to float64 zero,
+# so this cut is far from every singular value and the rank does not depend on float noise (a cut at 1e-6 * s_max
+# fell between 1.03e-6 and 7.0e-7: the rank could flip with the thread count).
+NULL_RTOL = None
 
 
 class CapacityError(ValueError):
@@ -57,19 +62,21 @@ class NullSpace(NamedTuple):
 
 
 def stack_rows(model, prompts) -> torch.Tensor:
-    """``A``: all ``L`` rows of every prompt's embedding stacked, ``(k*L, d_in)`` (Eq. 5). ``""`` is ``c_0``."""
+    """``A``: all ``L`` rows of every prompt's embedding stacked, ``(k*L, d_in)`` (Eq. 8). ``""`` is ``c_0``."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts to stack: A needs at least c_0 ('')")
     return torch.cat([model.empty()[0] if p == "" else model.embed([p])[0] for p in prompts])
 
 
-def null_space(A: torch.Tensor, rtol: float = NULL_RTOL, prior: torch.Tensor | None = None,
+def null_space(A: torch.Tensor, rtol: float | None = NULL_RTOL, prior: torch.Tensor | None = None,
                soft: float = 0.0) -> NullSpace:
-    """Orthonormal basis of ``{x : A x = 0}`` by SVD in float64 (Eqs. 6-9), with its measured residual.
+    """Orthonormal basis of ``{x : A x = 0}`` by SVD in float64 (the solutions ``S_p`` of Eqs. 8-9), with its measured
+    residual.
 
     ``A = U diag(s) V^T``; the right singular vectors whose singular value is ``<= rtol * s_max`` span the
-    (numerical) null space. Returns a :class:`NullSpace`; ``residual <= tol`` holds by construction and is checked.
+    (numerical) null space; ``rtol=None``: ``max(rows, d_in) * eps(float64)`` (see ``NULL_RTOL``). Returns a
+    :class:`NullSpace`; ``residual <= tol`` holds by construction and is checked.
 
     ``prior`` (rows ``R``, ``(n, d_in)``) and ``soft`` (beyond the paper, notebook 08): inside that null space keep
     only the eigenvectors of ``S^T (R^T R / n) S`` with eigenvalue ``<= max(soft, rtol^2) * lambda_max(R^T R / n)``
@@ -80,9 +87,11 @@ def null_space(A: torch.Tensor, rtol: float = NULL_RTOL, prior: torch.Tensor | N
         raise ValueError(f"A must be a non-empty 2-D tensor (rows x d_in), got {getattr(A, 'shape', type(A))}")
     if not torch.isfinite(A).all():
         raise ValueError("A contains NaN or inf values")
+    A64 = A.detach().to("cpu", torch.float64)
+    if rtol is None:
+        rtol = max(A64.shape) * torch.finfo(torch.float64).eps
     if not 0 <= rtol < 1:
         raise ValueError(f"rtol must be in [0, 1), got {rtol}")
-    A64 = A.detach().to("cpu", torch.float64)
     _, s, vh = torch.linalg.svd(A64, full_matrices=True)
     tol = float(rtol * s.max()) if s.numel() else 0.0
     rank = int((s > tol).sum())

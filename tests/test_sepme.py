@@ -42,7 +42,7 @@ def test_momentum_stop_by_hand():
 
 def test_null_space_is_orthonormal_and_annihilates_A():
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(20, 8, generator=g) @ torch.randn(8, 50, generator=g)  # rank 8 in R^50
+    A = torch.randn(20, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 50, generator=g, dtype=torch.float64)
     ns = sm.null_space(A)
     assert ns.rank == 8 and ns.basis.shape == (50, 42) and ns.dim == 42
     assert torch.allclose(ns.basis.T @ ns.basis, torch.eye(42, dtype=ns.basis.dtype), atol=1e-10)
@@ -58,8 +58,21 @@ def test_null_space_bound_holds_with_a_small_singular_value_under_the_cut():
     A = U @ torch.diag(s) @ V[:, :10].T
     ns = sm.null_space(A, rtol=1e-7)  # cut at 1e-5: the 5e-5 direction is kept out of S
     assert ns.rank == 5 and ns.residual < 1e-9
-    ns = sm.null_space(A)  # default cut 1e-6 * 100 = 1e-4: the 5e-5 direction enters S
+    ns = sm.null_space(A, rtol=1e-6)  # cut 1e-6 * 100 = 1e-4: the 5e-5 direction enters S
     assert ns.rank == 4 and ns.residual == pytest.approx(5e-5, rel=1e-6) and ns.residual <= ns.tol
+    ns = sm.null_space(A)  # default: max(rows, d_in) * eps(float64) * s_max, the exact rank of the stored matrix
+    assert ns.rank == 5 and ns.tol == pytest.approx(30 * 2.220446049250313e-16 * 100)
+
+
+def test_default_cut_sits_in_the_gap_of_the_bundled_models_spectrum(tiny):
+    """The protected sets of SepME on the bundled model: every kept singular value is > 1000 x the cut and every
+    dropped one (float64 round-off) < the cut / 10, so float noise in the embeddings cannot change the rank."""
+    cs = sm.make_concepts(tiny, ["striped", "checkered", "dotted"], n_ref=2)
+    for prompts in sepme.protected_sets(cs, "separate"):
+        ns = sm.null_space(nullspace.stack_rows(tiny, prompts))
+        kept, dropped = float(ns.singular_values[ns.rank - 1]), float(ns.singular_values[ns.rank])
+        assert kept > 1e3 * ns.tol and dropped < 0.1 * ns.tol, (kept, ns.tol, dropped)
+        assert ns.residual <= ns.tol
 
 
 def test_capacity_error_names_the_numbers(tiny):
