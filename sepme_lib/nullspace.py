@@ -79,9 +79,9 @@ def null_space(A: torch.Tensor, rtol: float | None = NULL_RTOL, prior: torch.Ten
     :class:`NullSpace`; ``residual <= tol`` holds by construction and is checked.
 
     ``prior`` (rows ``R``, ``(n, d_in)``) and ``soft`` (beyond the paper, notebook 08): inside that null space keep
-    only the eigenvectors of ``S^T (R^T R / n) S`` with eigenvalue ``<= max(soft, rtol^2) * lambda_max(R^T R / n)``
-    -- a soft null space of the prior (``soft = 0``: its exact null space too). The certificate for ``A`` is
-    unchanged; the prior's rows keep ``prior_energy`` of their energy in the basis.
+    only the eigenvectors of ``S^T (R^T R / n) S`` with eigenvalue ``<= max(soft, max(n, d_in) eps) * lambda_max(R^T
+    R / n)`` -- a soft null space of the prior (``soft = 0``: its exact null space too, NumPy's rank rule). The
+    certificate for ``A`` is unchanged; the prior's rows keep ``prior_energy`` of their energy in the basis.
     """
     if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.numel() == 0:
         raise ValueError(f"A must be a non-empty 2-D tensor (rows x d_in), got {getattr(A, 'shape', type(A))}")
@@ -109,7 +109,8 @@ def null_space(A: torch.Tensor, rtol: float | None = NULL_RTOL, prior: torch.Ten
         raise ValueError("the prior rows contain NaN or inf values")
     C = R.T @ R / max(1, len(R))
     ev, V = torch.linalg.eigh(S.T @ C @ S)
-    cut = max(float(soft), rtol ** 2) * float(torch.linalg.eigvalsh(C).max())
+    floor = max(R.shape) * torch.finfo(torch.float64).eps  # NumPy's rank rule for the eigenvalues of C: numerical 0
+    cut = max(float(soft), floor) * float(torch.linalg.eigvalsh(C).max())
     Ss = (S @ V[:, ev <= cut]).contiguous()
     energy = float((R @ Ss).pow(2).sum() / R.pow(2).sum().clamp_min(1e-300))
     return NullSpace(Ss, s, rank, tol, residual, exact_dim=S.shape[1], soft=float(soft), prior_energy=energy)

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from . import config, methods, nullspace, report
+from . import config, methods, nullspace, report, sepme
 from .classifier import load_classifier, predict
 from .concepts import as_concepts, caption_split, concept_set, listed_prompts, prior_captions
 from .deltas import edited_weights
@@ -63,6 +63,17 @@ def heldout(model, name: str, erased) -> dict:
     unrelated = [c for c in cs.evaluate if c not in erased]
     return dict(own=caption_split(model, name)[1], protected=[p for c in others for p in caption_split(model, c)[1]],
                 unrelated=[p for c in unrelated for p in caption_split(model, c)[1]])
+
+
+def prompt_level(model, prof: dict, concepts=None, progress: bool = False) -> list:
+    """The paper's SepME_1 increments of the erased concepts (notebook 08): on the bundled model the bundled ones
+    (``data/deltas``, trained with the defaults), otherwise trained now with ``methods.course_settings`` on
+    ``concepts`` (default: the concept set's erased concepts with ``prof["n_ref"]`` reference images)."""
+    names = list(concept_set(model).erase)
+    if model.family == "tiny":
+        return sepme.bundled_deltas(model, names)
+    return methods.erase(model, concepts or names, method="sepme", progress=progress, n_ref=prof["n_ref"],
+                         **methods.course_settings("sepme", model, prof))
 
 
 def rel_norm(model, delta) -> float:
@@ -124,7 +135,7 @@ def erase_for_bench(model, key: str, names, progress: bool = False, **overrides)
             extra = dict(overrides)
             if method == "mace":
                 extra.setdefault("general", prior_captions(model, [c])[:64])
-            ds += methods.erase(model, [c], method=method, **extra)
+            ds += methods.erase(model, [c], method=method, n_ref=1, **extra)  # closed forms read no images
     return ds, time.time() - t0, time.process_time() - c0
 
 
@@ -228,16 +239,20 @@ def rel_norm_floor(model, delta, name: str) -> float:
                for k, v in delta.tensors.items())
 
 
-def tradeoff(model, judge, name: str, points, n: int, steps=None, erased=None, progress: bool = False) -> list:
-    """The trade-off curve: SepME with concept-level protection erasing ``name`` (the other erased concepts' listed
+def tradeoff(model, judge, name, points, n: int, steps=None, erased=None, progress: bool = False,
+             n_ref: int = 64, judged=None) -> list:
+    """The trade-off curve: SepME with concept-level protection erasing ``name`` (a name or a ``Concept``; the other
+    erased concepts' listed
     prompts protected exactly, as in separate mode) for each settings override in ``points`` (e.g. the soft cut);
     per point the null dimension, steps, held-out key/value changes, ``||dW||/||W||`` and its floor
-    (:func:`rel_norm_floor`), and the held-out ACC of the erased, protected and unrelated concepts."""
+    (:func:`rel_norm_floor`), and the held-out ACC of the erased, protected and unrelated concepts. ``n_ref``:
+    reference images of the concept; ``judged``: the concepts whose held-out ACC is measured (default: all)."""
     cs = concept_set(model)
+    concept = as_concepts(model, [name], n_ref=n_ref)[0]  # a name, or a Concept with its references
+    name = concept.name
     erased = list(erased or cs.erase)
     protect = [p for c in erased if c != name for p in listed_prompts(model, c)]
-    concept = as_concepts(model, [name])[0]
-    names = list(cs.evaluate)
+    names = list(judged or cs.evaluate)
     original = {c: a for c, (a, _) in heldout_acc(model, judge, [], names, n, steps).items()}
     rows = []
     for point in points:
