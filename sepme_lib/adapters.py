@@ -1,4 +1,4 @@
-"""Layer 5 -- deltas as live diffusers LoRA adapters: ``theta + sum_i s_i dTheta_i`` computed by ``set_adapters``.
+"""Deltas as live diffusers LoRA adapters: ``theta + sum_i s_i dTheta_i`` computed by ``set_adapters``.
 
 Introduced in ``notebooks/05_interactive_combination.ipynb``: the widget's ``backend="diffusers"`` moves its sliders
 through :meth:`AdapterUNet.set_scales` (diffusers' ``set_adapters``) instead of the library's ``combine``; both give

@@ -1,4 +1,4 @@
-"""Layer 1 -- resumable training loops: save the whole state of a loop every few steps, resume from the last save.
+"""Resumable training loops: save the whole state of a loop every few steps, resume from the last save.
 
 Used by the command line (``sepme erase ... --out DIR`` resumes a killed run from its last saved step) and available to
 any caller of ``erase(..., checkpoint=Checkpoint(folder))``. The loops that accept it are ``gcirs.train`` (SepME and

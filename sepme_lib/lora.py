@@ -1,4 +1,4 @@
-"""Layer 4 -- a ``Delta`` as a standard diffusers LoRA adapter: factorisation, the file format, the model card.
+"""A ``Delta`` as a standard diffusers LoRA adapter: factorisation, the file format, the model card.
 
 Introduced in ``notebooks/05_interactive_combination.ipynb`` (the widget can combine through diffusers adapters) and
 used by the command line (``sepme erase`` writes one LoRA folder per concept). Each ``dW`` (``d_out x d_in``) is

@@ -1,4 +1,4 @@
-"""Layer 1 -- small matplotlib helpers the notebooks share: image grids, training curves with a stop marker, bars and
+"""Small matplotlib helpers the notebooks share: image grids, training curves with a stop marker, bars and
 a log-scale heat map (the leakage certificates of notebook 03).
 
 Kept tiny on purpose: figures are small PNGs (dpi <= 80) so executed notebooks stay light; images are drawn at least
