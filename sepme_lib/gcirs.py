@@ -10,7 +10,7 @@ Every step of :func:`train` (Algorithm 1; Algorithm 2 runs it on decoupled incre
 2. the frozen model's ``r_theta(c_i) = eps_theta(x_t, c_i, t) - eps_theta(x_t, c_0, t)``, without gradient;
 3. the edited model ``theta + sum_g dTheta_g`` in one pass (``torch.func.functional_call``, no UNet copy), skipping
    its empty-prompt pass when every increment protects ``c_0`` (its output then equals the frozen one);
-4. ``L = (sum_i eta_i L_cor_i + lambda * L1) / |active|`` (Eqs. 2, 3, 11), one Adam step per increment, gradients
+4. ``L = (sum_i eta_i L_cor_i + lambda * L1) / |active|`` (Eqs. 2, 3, 5, 11), one Adam step per increment, gradients
    cleared every step (the authors' code never clears them, so its Adam sees summed gradients: not copied);
 5. each concept's momentum monitor (Eq. 4) sees its own unweighted ``L_cor_i``; when it stops, the concept leaves
    the active set, and an increment whose concepts have all stopped is frozen at that step.
@@ -208,16 +208,18 @@ class Increment:
         return {k: self.beta * (w @ self.basis.T) for k, w in self.params.items()}
 
     def l1(self, form: str = "delta") -> torch.Tensor:
-        """The L1 term ``(1/M) sum_l ||.||_1`` over the ``M`` edited matrices (Eq. 11).
+        """The L1 term of Eq. 11 over the ``M`` edited matrices, in one of the three forms the authors used.
 
-        ``form``: ``"delta"`` penalises the increment ``dW = beta w S^T`` (the authors' later code; for G-CiRs the
-        only form), ``"w"`` penalises ``w`` as Eq. 11 is written (about ``1/beta`` larger), ``"w_mean"`` the mean
-        of ``|w|`` per matrix (the authors' first code)."""
+        ``form``: ``"delta"`` = ``(1/M) sum_l ||dW_l||_1`` with ``dW = beta w S^T`` (the authors' later code,
+        ``SRS_ME.py``; for G-CiRs, whose increment is ``dW`` itself, the only form); ``"w"`` = ``(1/M) sum_l ||w_l||_1``
+        (Eq. 11 as written: about ``1/beta`` larger); ``"w_mean"`` = ``sum_l mean|w_l|`` (the authors' first code,
+        ``SepCE.py``)."""
         if form not in L1_FORMS:
             raise ValueError(f"unknown L1 form {form!r}; use one of {L1_FORMS}")
+        if form == "w_mean":
+            return sum(t.abs().mean() for t in self.params.values())
         tensors = self.dW() if form == "delta" else self.params
-        terms = [t.abs().mean() if form == "w_mean" else t.abs().sum() for t in tensors.values()]
-        return sum(terms) / len(terms)
+        return sum(t.abs().sum() for t in tensors.values()) / len(tensors)
 
 
 def direct_increment(model, name: str, param_names, lr: float, tau: float) -> Increment:

@@ -156,15 +156,22 @@ def erase(model, concepts, method: str = "sepme", progress: bool = False, n_ref:
         raise MethodError(f"unknown mode {args['mode']!r}; use one of {', '.join(sepme.MODES)}")
     concepts = as_concepts(model, concepts, n_ref=n_ref)
     if method == "sepme":
-        return sepme.sepme(model, concepts, settings=gcirs.Settings(**s), progress=progress, checkpoint=checkpoint,
-                           **args)
-    if method == "gcirs":
-        return [gcirs.gcirs(model, concepts, gcirs.Settings(**s), progress=progress, checkpoint=checkpoint, **args)]
-    if method == "speed":
-        return [speed.speed(model, concepts, s, **args)]
-    if method in CLOSED_FORM:
-        return [getattr(closed_form, method)(model, concepts, s, **args)]
-    return [getattr(finetune, method)(model, concepts, s, progress=progress, checkpoint=checkpoint, **args)]
+        out = sepme.sepme(model, concepts, settings=gcirs.Settings(**s), progress=progress, checkpoint=checkpoint,
+                          **args)
+    elif method == "gcirs":
+        out = [gcirs.gcirs(model, concepts, gcirs.Settings(**s), progress=progress, checkpoint=checkpoint, **args)]
+    elif method == "speed":
+        out = [speed.speed(model, concepts, s, **args)]
+    elif method in CLOSED_FORM:
+        out = [getattr(closed_form, method)(model, concepts, s, **args)]
+    else:
+        out = [getattr(finetune, method)(model, concepts, s, progress=progress, checkpoint=checkpoint, **args)]
+    for d in out:  # every delta records what made it (docs/DESIGN.md, "Delta files")
+        d.info.setdefault("prompts", [p for c in concepts for p in c.prompts])
+        d.info.setdefault("anchors", [])
+        d.info.setdefault("protected", [])
+        d.info["model"] = model.name
+    return out
 
 
 def profile_settings(method: str, prof: dict) -> dict:

@@ -4,7 +4,7 @@ iterative modes; restoration is leaving an increment out.
 Introduced in ``notebooks/03_weight_decoupling_nullspace.ipynb`` (separate mode, written out once in the notebook)
 and ``notebooks/04_iterative_erasure_and_restoration.ipynb`` (iterative mode, restoration).
 
-The protected set ``A_i`` of concept ``i`` (Eq. 5) stacks ``c_0``, every prompt of the concepts it must not touch and
+The protected set ``A_i`` of concept ``i`` (Eq. 8) stacks ``c_0``, every prompt of the concepts it must not touch and
 ``protect``:
 
 * ``"separate"`` (SepME_1): every other concept; each increment trained alone;

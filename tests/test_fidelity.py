@@ -191,7 +191,9 @@ def test_joint_mode_matches_the_authors_loop(tiny):
     assert [d.info["steps"] for d in ds] == [12, 14]
     for d, inc in zip(ds, incs):
         ref = {k: v.detach() for k, v in inc.dW().items()}
-        assert rel(d.tensors, ref) < 1e-5, (d.name, rel(d.tensors, ref))
+        # float32 sums in another order, through 14 Adam steps: about 1e-5 (the eta bug this guards against gave
+        # concept 2 a 0.17x gradient, a difference of order 1)
+        assert rel(d.tensors, ref) < 1e-4, (d.name, rel(d.tensors, ref))
     h = ds[0].info["history"]
     assert len(h["lcor"][0]) == 14 and len(h["lmom"][0]) == 12  # concept 1 still computed after its stop
     lm = h["lcor"][1][0]

@@ -1,6 +1,5 @@
 import json
 import time
-import warnings
 
 import pytest
 import torch
@@ -66,14 +65,6 @@ def test_sample_rejects_mismatched_seeds(tiny):
         tiny.sample(["a star", "a circle"], seeds=[1])
 
 
-def test_unknown_word_warns_with_the_word(tiny):
-    with pytest.warns(UserWarning, match="zebra"):
-        tiny.embed(["a zebra in striped style"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        tiny.embed(["a red star in striped style"])
-
-
 def test_missing_data_file_names_file_and_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m sepme_lib.train_tiny"):
         load_tiny(tmp_path)
@@ -122,6 +113,7 @@ def test_dtype_is_for_sd_on_a_gpu():
 def test_fp16_frozen_sd_trains_fp32_increments(tmp_path):
     """The GPU path of notebook 04 (frozen SD weights in fp16, increments in fp32), on the CPU."""
     from conftest import build_tiny_sd
+
     from sepme_lib import deltas
 
     m = build_tiny_sd(tmp_path)

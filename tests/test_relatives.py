@@ -192,7 +192,8 @@ def test_sepme_and_gcirs_in_registry(tiny_sd, concept):
     g = sm.erase(tiny_sd, [concept], method="gcirs", cap=2, warmup=1, batch=2, gcirs_lr=1e-2)
     assert len(g) == 1 and g[0].method == "gcirs"
     assert _erased_and_preserved(tiny_sd, g)[0] > 1e-4
-    assert set(methods.METHODS) == {"sepme", "gcirs", "esd", "ablating", "fmn", "uce", "rece", "mace", "all_but_one"}
+    assert set(methods.METHODS) == {"sepme", "gcirs", "esd", "ablating", "fmn", "uce", "rece", "mace", "all_but_one",
+                                   "speed"}
 
 
 def test_bad_input_is_named(tiny_sd, concept):
