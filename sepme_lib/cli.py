@@ -87,6 +87,15 @@ def parse_lora(spec: str) -> tuple[Path, float]:
     return path, scale
 
 
+def check_concepts(family: str, names) -> None:
+    """Refuse a concept that ``family``'s concept set does not have (the message lists the ones it has)."""
+    for c in names:
+        try:
+            CONCEPT_SETS[family].check(c)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+
 def parse_settings(items, method: str) -> tuple[dict, dict]:
     """``KEY=VALUE`` pairs -> (settings, arguments) of ``method`` (values read as Python literals, else strings)."""
     settings, args = {}, {}
@@ -193,12 +202,7 @@ def erase(args) -> int:
         extra["mode"] = args.mode
     elif args.mode != "separate":
         raise InputError(f"--mode is SepME's (separate, joint, iterative); {args.method} has none")
-    cs = CONCEPT_SETS[args.family]
-    for c in args.concepts:
-        try:
-            cs.check(c)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+    check_concepts(args.family, args.concepts)
     if len(set(args.concepts)) != len(args.concepts):
         raise InputError(f"--concepts {args.concepts}: a concept repeats")
     try:
@@ -225,6 +229,7 @@ def erase(args) -> int:
                            checkpoint=ck, **settings, **extra)
     acc = None
     if args.eval_images:
+        cs = CONCEPT_SETS[args.family]
         cols = list(cs.evaluate) if all(c in cs.evaluate for c in args.concepts) else list(args.concepts)
         combos = [("original", [])] + [(f"+ {d.name}", [d]) for d in deltas]
         combos += [("+ all", deltas)] if len(deltas) > 1 else []
@@ -302,12 +307,7 @@ def evaluate(args) -> int:
     if args.table not in TABLES:
         raise InputError(f"--table {args.table!r}: use one of {TABLES}")
     if args.concepts:
-        cs = CONCEPT_SETS[args.family]
-        for c in args.concepts:
-            try:
-                cs.check(c)
-            except ValueError as e:
-                raise InputError(str(e)) from None
+        check_concepts(args.family, args.concepts)
     out = check_out(args.out)
     t0 = time.time()
     shard = shard_from_environment(args.dev)

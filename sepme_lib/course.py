@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import html
 import json
@@ -182,6 +183,23 @@ def _execute(nb, path: Path, timeout: int, store_widget_state: bool = True):
     return None
 
 
+@contextlib.contextmanager
+def environment(values: dict, drop=()):
+    """Set the environment variables ``values`` (and unset ``drop``) for the ``with`` block; restore them after."""
+    old = {k: os.environ.get(k) for k in [*values, *drop]}
+    os.environ.update(values)
+    for k in drop:
+        os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def ci_environment() -> dict:
     """The environment committed outputs come from: ``PROFILE=ci``, the bundled model, the CPU (and no weight-loading
     progress bars, which would be stored as empty widgets)."""
@@ -192,11 +210,8 @@ def execute(notebooks=None, timeout: int = 1800) -> list[dict]:
     """Re-execute notebooks in place in the ci profile (``make notebooks``); a failing notebook is not written."""
     import nbformat
 
-    old = {k: os.environ.get(k) for k in ci_environment()}
-    os.environ.update(ci_environment())
-    os.environ.pop("SEPME_CLIP", None)
     results = []
-    try:
+    with environment(ci_environment(), drop=("SEPME_CLIP",)):
         for path in notebook_paths(notebooks):
             nb = nbformat.read(path, as_version=4)
             t0 = time.time()
@@ -208,12 +223,6 @@ def execute(notebooks=None, timeout: int = 1800) -> list[dict]:
                 nbformat.write(nb, path)
             print(f"{path.name}: {dt:.0f} s" + (f"  FAILED (not written)\n{err}" if err else ""), flush=True)
             results.append(dict(name=path.name, seconds=round(dt, 1), error=err))
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return results
 
 
@@ -255,16 +264,8 @@ def run_on_random_sd(out_dir: Path | None = None, pattern: str = PATTERN) -> lis
         print(f"random SD folder in {time.time() - t0:.0f} s: {folders['pipeline']}", flush=True)
         env = dict(MODEL=str(folders["pipeline"]), SEPME_CLIP=str(folders["clip"]), PROFILE="ci", SEPME_DEVICE="cpu",
                    HF_HUB_DISABLE_PROGRESS_BARS="1")
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with environment(env):
             return run(NOTEBOOKS, Path(out_dir or Path(tmp) / "out"), pattern, timeout=900, html_out=False)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------------------ checks

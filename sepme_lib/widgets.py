@@ -1,4 +1,4 @@
-"""Layer 10 -- the interactive combination widget -- ``theta + sum_i s_i dTheta_i`` with live ACC and leakage.
+"""The interactive combination widget: ``theta + sum_i s_i dTheta_i`` with live ACC and leakage.
 
 Introduced in ``notebooks/05_interactive_combination.ipynb``. SepME's increments are separable (paper
 Sec. 3.2, Eqs. 5-10): because ``A_j dW_i^T = 0`` for every concept ``j != i`` (Eq. 7, the null-space
@@ -22,10 +22,7 @@ leakage, time), :func:`render_comparison` (the same beside the cached original, 
 :class:`CombinationWidget` only wires ipywidgets controls to these functions: while it re-renders, the readout says
 so (no stale numbers); an error replaces the readout with the message and marks the images as not updated.
 
-Refresh time (:func:`benchmark_refresh`, 4 images, ``WIDGET_STEPS = 8`` DDIM steps, 2-core CPU shared with other
-jobs): 0.55-0.73 s with ``SEPME_THREADS=1`` (``python -m sepme_lib.bench widgets``), 1.4-2.5 s with two threads
-(oversubscribed). The classifier's ACC of the bundled model's concepts is 1.00 at 6, 8, 10 and 20 steps, so 8 steps
-lose nothing visible; pass ``steps=`` to trade speed for quality (on a GPU any step count is interactive).
+Refresh times measured on the bundled model are in the README ("Results on the bundled world").
 """
 from __future__ import annotations
 
