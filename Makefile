@@ -40,10 +40,11 @@ test: test-unit test-notebooks test-sd test-browser
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider tests/
 
-# nbval re-executes every notebook and compares the marked cells with the committed outputs
+# nbval re-executes every notebook and compares the marked cells with the committed outputs (one torch thread, as
+# `make notebooks` executes them)
 test-notebooks: $(VENV)/.installed
 	$(PY) -m sepme_lib.course check
-	PROFILE=ci MODEL=tiny $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/
+	PROFILE=ci MODEL=tiny SEPME_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/
 
 # every notebook on a random-weight SD 1.x folder (built in a temporary directory), ci profile, CPU
 test-sd: $(VENV)/.installed

@@ -201,9 +201,11 @@ def environment(values: dict, drop=()):
 
 
 def ci_environment() -> dict:
-    """The environment committed outputs come from: ``PROFILE=ci``, the bundled model, the CPU (and no weight-loading
-    progress bars, which would be stored as empty widgets)."""
-    return dict(PROFILE="ci", SEPME_DEVICE="cpu", MODEL="tiny", RECOMPUTE="0", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    """The environment committed outputs come from: ``PROFILE=ci``, the bundled model, the CPU, one torch thread (float
+    sums, and so a momentum stop step, can change with the thread count; ``make test-notebooks`` uses one too), and no
+    weight-loading progress bars, which would be stored as empty widgets."""
+    return dict(PROFILE="ci", SEPME_DEVICE="cpu", MODEL="tiny", RECOMPUTE="0", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                SEPME_THREADS="1", OMP_NUM_THREADS="1")
 
 
 def execute(notebooks=None, timeout: int = 1800) -> list[dict]:

@@ -117,12 +117,12 @@ def augment(R: torch.Tensor, v: torch.Tensor, erase_weight: torch.Tensor, n: int
             mini_batch: int = 8) -> torch.Tensor:
     """Directed prior augmentation of one chunk: ``n`` draws ``c + (xi . v) v`` per row (``xi ~ N(0, I)`` from
     ``gen``, mini-batches of 8 rows as the authors' loop), kept when ``||dW_e c~|| > mean`` over the chunk's draws."""
-    P = v[:, None] @ v[None, :]
     out, norms = [], []
     for i in range(0, len(R), mini_batch):
         rows = R[i:i + mini_batch]
         for _ in range(n):
-            noisy = rows + torch.randn(rows.shape, generator=gen, dtype=torch.float64) @ P
+            xi = torch.randn(rows.shape, generator=gen, dtype=torch.float64)
+            noisy = rows + (xi @ v)[:, None] * v  # = xi @ (v v^T), the authors' form, without the d x d product
             out.append(noisy)
             norms.append((noisy @ erase_weight.T).norm(dim=1))
     out, norms = torch.cat(out), torch.cat(norms)
