@@ -70,9 +70,9 @@ DEFAULTS = {
 # exact A_i), erasure to the anchor and a cached pool of x_t, for erase(..., method="sepme", **concept_level(model)).
 # Not the default of method="sepme": the default stays the paper's exact prompt-level SepME (README, "Beyond the
 # paper", gives the measurements of both).
-# Tiny: soft 1e-6 (striped/checkered/dotted: held-out protected max 0.068/0.036/0.054, erased 0.0, 46-53 steps, ~6 s
-# CPU each); lr 0.05 stops later (77-92 steps) and erases less for ~0.01 less leakage. SD: not measured (no SD weights
-# here); soft 1e-4 keeps 109 of 134 dimensions on the random-weight stand-in, where 1e-6 keeps 7 (below min_null_dim).
+# Tiny: soft 1e-6, the point of the trade-off curve in the README's "Beyond the paper" that erases with the smallest
+# held-out change. SD: not measured (no SD weights here); soft 1e-4 keeps 109 of 134 dimensions on the random-weight
+# stand-in, where 1e-6 keeps 7 (below min_null_dim).
 CONCEPT_LEVEL = {"tiny": dict(protection="concept", soft=1e-6, target="anchor", anchor_tau=0.3, lr=0.1, cache=64,
                               cap=150),
                  "sd": dict(protection="concept", soft=1e-4, target="anchor", anchor_tau=0.3, cache=64)}
