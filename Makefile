@@ -35,7 +35,11 @@ $(VENV)/.browser: $(VENV)/.lab
 	$(PY) -m pip install -q -e ".[dev,lpips,browser]"
 	touch $@
 
-test: test-unit test-notebooks test-sd test-browser
+# the unit tests, nbval and the random-SD notebooks side by side (one torch thread each; each target's output printed
+# whole when it ends), then the browser test
+test: $(VENV)/.installed
+	SEPME_THREADS=1 OMP_NUM_THREADS=1 $(MAKE) -j3 --output-sync=target test-unit test-notebooks test-sd
+	$(MAKE) test-browser
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider tests/
