@@ -14,7 +14,7 @@ NB ?=
 CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
 
-.PHONY: test test-unit test-notebooks test-sd test-browser check-notebooks notebooks course lab bench venv clean-venv
+.PHONY: browser-deps test test-unit test-notebooks test-sd test-browser check-notebooks notebooks course lab bench venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -35,9 +35,10 @@ $(VENV)/.browser: $(VENV)/.lab
 	$(PY) -m pip install -q -e ".[dev,lpips,browser]"
 	touch $@
 
-# the unit tests, nbval and the random-SD notebooks side by side (one torch thread each; each target's output printed
-# whole when it ends), then the browser test
-test: $(VENV)/.installed
+# the browser's prerequisites first (so that a missing one is reported before the long targets, never after), then the
+# unit tests, nbval and the random-SD notebooks side by side (one torch thread each; each target's output printed whole
+# when it ends), then the browser test
+test: browser-deps $(VENV)/.browser
 	SEPME_THREADS=1 OMP_NUM_THREADS=1 $(MAKE) -j3 --output-sync=target test-unit test-notebooks test-sd
 	$(MAKE) test-browser
 
@@ -58,6 +59,19 @@ test-sd: $(VENV)/.installed
 test-browser: $(VENV)/.browser
 	@test -x $(CHROMIUM) -a -x $(CHROMEDRIVER) || { echo "needs $(CHROMIUM) and $(CHROMEDRIVER): sudo apt-get install -y chromium chromium-driver"; exit 1; }
 	CHROMIUM=$(CHROMIUM) CHROMEDRIVER=$(CHROMEDRIVER) $(PY) -m pytest -q -p no:cacheprovider -s tests/browser_lab.py
+
+# Debian's chromium and chromium-driver for the browser test: installed when missing (as root or with passwordless
+# sudo; nothing downloads a browser of its own), else a clear stop before anything long runs
+browser-deps:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	  echo "make test needs $(CHROMIUM) and $(CHROMEDRIVER) for the browser test; install them first:"; \
+	  echo "  sudo apt-get install -y chromium chromium-driver   (or give CHROMIUM=... CHROMEDRIVER=...)"; exit 2; fi; \
+	command -v apt-get >/dev/null || { echo "no $(CHROMIUM)/$(CHROMEDRIVER) and no apt-get: install chromium and its driver, then give CHROMIUM=... CHROMEDRIVER=..."; exit 2; }; \
+	echo "installing Debian's chromium and chromium-driver for the browser test (about a minute)"; \
+	$$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	test -x $(CHROMIUM) -a -x $(CHROMEDRIVER) || { echo "chromium was installed but $(CHROMIUM) or $(CHROMEDRIVER) is missing; give CHROMIUM=... CHROMEDRIVER=..."; exit 2; }
 
 check-notebooks: $(VENV)/.installed
 	$(PY) -m sepme_lib.course check

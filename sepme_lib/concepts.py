@@ -71,6 +71,14 @@ class ConceptSet:
             return [s.caption() for s in world.eval_specs(name, n, seed=seed)]
         return [("" if name == "blank" else name)] * n
 
+    def eval_targets(self, name: str, n: int, seed: int = 0) -> list[dict]:
+        """What the judge should read on each of :meth:`eval_prompts`' images, per head: world ``{"style", "shape",
+        "colour"}`` from the prompt; SD ``{"style": name}`` (the CLIP judge has one head)."""
+        self.check(name)
+        if self.family == "tiny":
+            return [dict(style=s.style, shape=s.shape, colour=s.colour) for s in world.eval_specs(name, n, seed=seed)]
+        return [dict(style=name)] * n
+
     def anchor(self, prompt: str, name: str) -> str:
         """The anchor of one of ``name``'s prompts: the prompt with the concept phrase removed (Ablating Concepts'
         ``c*``, UCE's guide, MACE's mapped prompt): "a red star in striped style" -> "a red star"."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import html
 import json
 import os
 import re
@@ -32,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import config, random_sd
-from .report import md_table_to_html
+from . import config, exercises, random_sd
+from .report import write_report
 
 NOTEBOOKS = config.ROOT / "notebooks"
 PATTERN = "[0-9][0-9]_*.ipynb"
@@ -53,6 +52,7 @@ try:
 except ImportError:
     ON_COLAB = False
 if ON_COLAB:
+    os.environ.setdefault("SEPME_ALLOW_DOWNLOAD", "1")  # Stable Diffusion weights from the hub (MODEL = "CompVis/...")
     HOME = os.environ.get("SEPME_HOME", "/content/sepme-course")
     if not os.path.isdir(os.path.join(HOME, "sepme_lib")):
         url = os.environ.get("SEPME_CLONE_URL", f"https://github.com/{{REPO}}")
@@ -171,7 +171,8 @@ def notebook_paths(notebooks=None) -> list[Path]:
 # ------------------------------------------------------------------------------------------ execution
 def _execute(nb, path: Path, timeout: int, store_widget_state: bool = True):
     """Run ``nb`` in a fresh ``python3`` kernel with the notebook's folder as working directory; returns the error
-    text or ``None``. Committed notebooks do not store widget state (it repeats every image the widget drew)."""
+    text or ``None``. Committed notebooks store widget state only where :func:`execute` keeps it (notebook 05's, when
+    small: viewers that render widgets then show its controls)."""
     from nbconvert.preprocessors import ExecutePreprocessor
 
     ep = ExecutePreprocessor(timeout=timeout, kernel_name="python3", record_timing=False,
@@ -217,10 +218,17 @@ def execute(notebooks=None, timeout: int = 1800) -> list[dict]:
         for path in notebook_paths(notebooks):
             nb = nbformat.read(path, as_version=4)
             t0 = time.time()
-            err = _execute(nb, path, timeout, store_widget_state=False)
+            # widget state (the last value of every widget, its images included) is kept for notebook 05 only, and
+            # only while it stays small; the widget's output also holds a PNG snapshot for viewers without widgets
+            keep = {"05_interactive_combination.ipynb": 250_000}.get(path.name, 0)
+            err = _execute(nb, path, timeout, store_widget_state=bool(keep))
             dt = time.time() - t0
             if err is None:
-                nb.metadata.pop("widgets", None)
+                size = len(json.dumps(nb.metadata.get("widgets", {})))
+                if size > keep:
+                    nb.metadata.pop("widgets", None)
+                    if keep:
+                        print(f"{path.name}: widget state of {size / 1e3:.0f} kB > {keep / 1e3:.0f} kB not stored")
                 normalise(nb, "ci")
                 nbformat.write(nb, path)
             print(f"{path.name}: {dt:.0f} s" + (f"  FAILED (not written)\n{err}" if err else ""), flush=True)
@@ -294,6 +302,10 @@ def check_notebook(path: Path) -> list[str]:
     first = cells[0].source if cells and cells[0].cell_type == "markdown" else ""
     if not re.match(rf"# {name[:2]} · \S", first):
         bad.append(f"the first cell is not a title '# {name[:2]} · ...'")
+    if not (re.search(r"\*\*Time\*\*.*\d+\s*(s|min)\b.*ci", first) and "**Stored outputs**" in first
+            and "**On Colab**" in first):
+        bad.append("the title cell lacks the header lines '**Time**: ... (ci ... full ... Colab ...)', "
+                   "'**Stored outputs**: ...' and '**On Colab**: ...'")
     if badge_url(name) not in first:
         bad.append(f"no Colab badge for {config.REPO} in the title cell (python -m sepme_lib.course set-repo)")
     i = install_cell_index(nb)
@@ -326,9 +338,14 @@ def check_notebook(path: Path) -> list[str]:
         bad.append(f"executed in profile {rec.get('profile')!r}; commit the ci run (make notebooks)")
     if rec.get("code_sha256") != code_hash(nb):
         bad.append("code cells changed since the notebook was executed: its outputs are stale (make notebooks)")
-    ex = [k for k, c in enumerate(cells) if c.cell_type == "markdown" and re.search(r"^## Exercises", c.source, re.M)]
-    if not ex or not any(c.cell_type == "code" and "assert" in c.source for c in cells[ex[-1]:]):
-        bad.append("no '## Exercises' section followed by a checking cell (assert)")
+    try:
+        found = exercises.notebook_exercises(raw)
+    except ValueError as e:
+        found, _ = {}, bad.append(str(e))
+    if not any(c.cell_type == "markdown" and re.search(r"^## Exercises", c.source, re.M) for c in cells) \
+            or len(found) < 3:
+        bad.append(f"{len(found)} exercises (stub cells '# Exercise NN.k' + exercises.check); at least 3 after "
+                   "'## Exercises'")
     size = sum(_output_bytes(c) for c in cells)
     if size > MAX_OUTPUT_BYTES:
         bad.append(f"outputs are {size / 1e6:.1f} MB (> {MAX_OUTPUT_BYTES / 1e6:.1f} MB): smaller figures")
@@ -341,19 +358,6 @@ def check(notebooks=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ report
-def tables_of(nb) -> list[str]:
-    """The markdown/HTML tables a notebook displayed, as HTML snippets."""
-    out = []
-    for cell in nb.cells:
-        for o in cell.get("outputs", []):
-            data = o.get("data", {})
-            if "text/markdown" in data and "|---" in data["text/markdown"]:
-                out.append(md_table_to_html(data["text/markdown"]))
-            elif "text/html" in data and "<table" in data["text/html"]:
-                out.append(data["text/html"])
-    return out
-
-
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -361,26 +365,6 @@ def error_text(e: BaseException, limit: int = 3000) -> str:
     """A notebook's error as plain text (nbconvert's message carries terminal colour codes): the failing cell's
     traceback tail, so the console and the report say what went wrong."""
     return ANSI.sub("", f"{type(e).__name__}: {e}")[-limit:]
-
-
-def write_report(results, out_dir: Path) -> Path:
-    prof = os.environ.get("PROFILE", "full")
-    parts = ["<html><head><meta charset='utf-8'><title>sepme-course report</title><style>"
-             "body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse;margin:8px 0}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style></head><body>",
-             f"<h1>sepme-course: executed course (PROFILE={prof}, MODEL={html.escape(config.model_name())})</h1><ul>"]
-    for r in results:
-        status = "ok" if not r["error"] else f"<b>FAILED</b><pre>{html.escape(r['error'])}</pre>"
-        parts.append(f"<li><a href='{r['name']}.html'>{r['name']}</a> ({r['seconds']} s) {status}</li>")
-    parts.append(f"</ul><p>Total: {sum(r['seconds'] for r in results):.0f} s</p>")
-    for r in results:
-        tabs = tables_of(r["nb"])
-        if tabs:
-            parts.append(f"<h2>{r['name']}</h2>" + "".join(tabs))
-    parts.append("</body></html>")
-    path = out_dir / "report.html"
-    path.write_text("\n".join(parts))
-    return path
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -49,11 +49,11 @@ def _positive(n) -> int:
     return n
 
 
-def acc_table(model, judge, concepts, n: int, deltas=None, scales=None, weights=None, seed: int = 0, steps=None,
-              guidance=None) -> dict:
-    """``{concept: ACC}``: for each concept, the share of its ``n`` evaluation images (seeds ``seed..seed+n-1``) that
-    the judge assigns to it, under ``theta + sum_i s_i dTheta_i`` (the paper's ACC). All concepts are sampled in one
-    call, so the batch is as large as the device allows."""
+ANCHOR_STYLE = "blank"  # the anchor of an erased style: the prompt without its style phrase (the paper's blank)
+
+
+def _eval_heads(model, judge, concepts, n, deltas, scales, weights, seed, steps, guidance) -> dict:
+    """Sample every concept's ``n`` evaluation images in one call and read them with every head of the judge."""
     concepts = [concepts] if isinstance(concepts, str) else list(concepts)
     if not concepts:
         raise ValueError("acc_table needs at least one concept")
@@ -62,7 +62,35 @@ def acc_table(model, judge, concepts, n: int, deltas=None, scales=None, weights=
     prompts = [p for c in concepts for p in cs.eval_prompts(c, n, seed)]
     seeds = [k for _ in concepts for k in range(seed, seed + n)]
     imgs = generate(model, prompts, seeds, deltas, scales, steps, guidance, weights)
-    return {c: accuracy(judge, imgs[i * n:(i + 1) * n], cs.kind(c), c) for i, c in enumerate(concepts)}
+    out = {}
+    for i, c in enumerate(concepts):
+        pred, targets = judge.predict(imgs[i * n:(i + 1) * n]), cs.eval_targets(c, n, seed)
+        heads = {h: sum(p == t[h] for p, t in zip(pred[h], targets)) / n for h in pred if h in targets[0]}
+        heads["acc"] = heads[cs.kind(c)]
+        if ANCHOR_STYLE in judge.heads_labels.get("style", ()):
+            heads["anchor"] = sum(p == ANCHOR_STYLE for p in pred["style"]) / n
+        out[c] = heads
+    return out
+
+
+def acc_table(model, judge, concepts, n: int, deltas=None, scales=None, weights=None, seed: int = 0, steps=None,
+              guidance=None) -> dict:
+    """``{concept: ACC}``: for each concept, the share of its ``n`` evaluation images (seeds ``seed..seed+n-1``) that
+    the judge assigns to it, under ``theta + sum_i s_i dTheta_i`` (the paper's ACC). All concepts are sampled in one
+    call, so the batch is as large as the device allows."""
+    heads = _eval_heads(model, judge, concepts, n, deltas, scales, weights, seed, steps, guidance)
+    return {c: h["acc"] for c, h in heads.items()}
+
+
+def acc_heads(model, judge, concepts, n: int, deltas=None, scales=None, weights=None, seed: int = 0, steps=None,
+              guidance=None) -> dict:
+    """What every head of the judge reads on the images of :func:`acc_table` (the same images):
+    ``{concept: {"acc", "style", "shape", "colour", "anchor"}}``. ``style``/``shape``/``colour``: the share of images
+    whose judged style/shape/colour is the one the prompt asks for (world; a CLIP judge on SD has only ``style``);
+    ``acc``: the paper's ACC (the concept's own head); ``anchor``: the share judged as the anchor style ``blank``
+    (where an erased style's images go). An "others" column that reads only the style head hides colour or shape
+    damage (notebooks 02-06 report all three)."""
+    return _eval_heads(model, judge, concepts, n, deltas, scales, weights, seed, steps, guidance)
 
 
 def subsets(items):
@@ -80,29 +108,53 @@ def combination_table(model, judge, deltas, concepts, n: int, seed: int = 0, ste
     over its original ACC) and ``restoration_drift_max`` (largest |ACC - original| of a concept whose delta is in
     ``deltas`` but left out of the subset)."""
     by_name = {d.name: d for d in deltas}
+    heads0 = None
     if original is None:
-        original = acc_table(model, judge, concepts, n, seed=seed, steps=steps, guidance=guidance)
+        heads0 = acc_heads(model, judge, concepts, n, seed=seed, steps=steps, guidance=guidance)
+        original = {c: h["acc"] for c, h in heads0.items()}
     rows = []
     subs = subsets(by_name)
     for sub in (tqdm(subs, desc="combinations", leave=False) if progress else subs):
-        acc = acc_table(model, judge, concepts, n, [by_name[k] for k in sub], seed=seed, steps=steps, guidance=guidance)
-        rows.append(dict(subset=sub, acc=acc))
-    return dict(original=original, rows=rows, summary=summarise(rows, original, list(by_name)))
+        heads = acc_heads(model, judge, concepts, n, [by_name[k] for k in sub], seed=seed, steps=steps,
+                          guidance=guidance)
+        rows.append(dict(subset=sub, acc={c: h["acc"] for c, h in heads.items()}, heads=heads))
+    out = dict(original=original, rows=rows, summary=summarise(rows, original, list(by_name), heads0))
+    if heads0 is not None:
+        out["original_heads"] = heads0
+    return out
 
 
-def summarise(rows, original, delta_names) -> dict:
-    """``erased_acc_max``, ``others_ratio_min`` and ``restoration_drift_max`` of combination rows."""
+def summarise(rows, original, delta_names, original_heads=None) -> dict:
+    """``erased_acc_max``, ``others_ratio_min`` and ``restoration_drift_max`` of combination rows; with the rows'
+    ``heads`` also ``others_colour_min`` / ``others_shape_min`` (worst colour / shape share of a kept class, over its
+    original share when ``original_heads`` is given) and ``erased_to_anchor_min`` (the smallest share of an erased
+    class's images judged as the anchor style)."""
     erased, ratios, drift = [], [], []
+    kept = {"colour": [], "shape": []}
+    anchor = []
     for row in rows:
         for c, a in row["acc"].items():
+            h = row.get("heads", {}).get(c, {})
             if c in row["subset"]:
                 erased.append(a)
+                if "anchor" in h:
+                    anchor.append(h["anchor"])
             else:
                 ratios.append(a / max(original[c], 1e-9))
                 if c in delta_names:
                     drift.append(abs(a - original[c]))
-    return dict(erased_acc_max=max(erased, default=float("nan")), others_ratio_min=min(ratios, default=float("nan")),
-                restoration_drift_max=max(drift, default=0.0))
+                for k in kept:
+                    if k in h:
+                        ref = original_heads[c][k] if original_heads else 1.0
+                        kept[k].append(h[k] / max(ref, 1e-9))
+    out = dict(erased_acc_max=max(erased, default=float("nan")), others_ratio_min=min(ratios, default=float("nan")),
+               restoration_drift_max=max(drift, default=0.0))
+    for k, v in kept.items():
+        if v:
+            out[f"others_{k}_min"] = min(v)
+    if anchor:
+        out["erased_to_anchor_min"] = min(anchor)
+    return out
 
 
 EMPTY_LABEL = "c_∅"

@@ -1,11 +1,15 @@
 """Tables for people: markdown tables of results, their HTML form, and the benchmark reports.
 
-Used by the notebooks (``IPython.display.Markdown(markdown_table(...))``), ``bench`` and ``course``. Plain Python:
-it imports nothing from the rest of the library.
+Used by the notebooks (``IPython.display.Markdown(markdown_table(...))``), ``bench`` and ``course`` (whose
+``build/report.html`` is written here). Plain Python: it imports only ``config`` from the rest of the library.
 """
 from __future__ import annotations
 
 import html
+import os
+from pathlib import Path
+
+from . import config
 
 SUMMARY_KEYS = ("erased_acc", "others_acc", "perceptual_erased", "perceptual_others", "l1", "seconds", "redteam_acc")
 
@@ -162,3 +166,38 @@ def relatives_markdown(out: dict) -> str:
             f"steps; dist = {out.get('perceptual_metric')} to the original images; redteam = ACC of images from RECE's "
             "derived embedding)\n\n" + markdown_table(rows, cols) + "\n\nSummary (means over rows)\n\n"
             + relatives_summary(out))
+
+
+# ------------------------------------------------------------------------------------------ the course's report
+def tables_of(nb) -> list[str]:
+    """The markdown/HTML tables a notebook displayed, as HTML snippets."""
+    out = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            data = o.get("data", {})
+            if "text/markdown" in data and "|---" in data["text/markdown"]:
+                out.append(md_table_to_html(data["text/markdown"]))
+            elif "text/html" in data and "<table" in data["text/html"]:
+                out.append(data["text/html"])
+    return out
+
+
+def write_report(results, out_dir) -> Path:
+    """``out_dir/report.html``: every notebook of a ``make course`` run with its time, status and tables."""
+    prof = os.environ.get("PROFILE", "full")
+    parts = ["<html><head><meta charset='utf-8'><title>sepme-course report</title><style>"
+             "body{font-family:sans-serif;max-width:1000px;margin:auto} table{border-collapse:collapse;margin:8px 0}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style></head><body>",
+             f"<h1>sepme-course: executed course (PROFILE={prof}, MODEL={html.escape(config.model_name())})</h1><ul>"]
+    for r in results:
+        status = "ok" if not r["error"] else f"<b>FAILED</b><pre>{html.escape(r['error'])}</pre>"
+        parts.append(f"<li><a href='{r['name']}.html'>{r['name']}</a> ({r['seconds']} s) {status}</li>")
+    parts.append(f"</ul><p>Total: {sum(r['seconds'] for r in results):.0f} s</p>")
+    for r in results:
+        tabs = tables_of(r["nb"])
+        if tabs:
+            parts.append(f"<h2>{r['name']}</h2>" + "".join(tabs))
+    parts.append("</body></html>")
+    path = Path(out_dir) / "report.html"
+    path.write_text("\n".join(parts))
+    return path

@@ -21,7 +21,7 @@ LAYERS = [
     ["closed_form", "finetune", "speed"],
     ["methods"],
     ["evaluate", "separability"],
-    ["widgets"],
+    ["widgets", "exercises"],
     ["train_tiny", "train_classifier"],
     ["random_sd"],
     ["bench", "course", "scaleout"],

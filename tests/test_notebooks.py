@@ -32,16 +32,22 @@ def test_committed_notebook_is_executed_and_current(path):
 
 
 # ------------------------------------------------------------------------------------------ synthetic notebooks
+HEADER = ("**Time**: about 1 s (ci) and about 1 s (full) on a CPU; Colab: none.\n\n**Stored outputs**: the ci profile.\n\n"
+          "**On Colab**: nothing to do.")
+
+
 def synthetic(tmp_path, name="00_synthetic.ipynb", value="2") -> Path:
     """A small notebook that passes ``check_notebook``: title + badge, install cell, parameters, a marked cell with
     its stored output, exercises with a checking cell; as ``course.execute`` would write it."""
-    cells = [new_markdown_cell(f"# 00 · Synthetic\n\n{course.badge(name)}"),
+    cells = [new_markdown_cell(f"# 00 · Synthetic\n\n{course.badge(name)}\n\n{HEADER}"),
              new_code_cell(course.install_cell()),
              new_code_cell("X = 1", metadata={"tags": ["parameters"]}),
              new_code_cell(f"{course.MARKER}\nprint(X + 1)"),
-             new_markdown_cell("## Exercises\n1. What is X + 1?"),
-             new_code_cell("answer = 2\nassert answer == X + 1, 'X + 1 is 2'")]
-    counts = iter(range(1, 10))
+             new_markdown_cell("## Exercises\n1. Eq. (2)...")]
+    for eid, fn in (("02.1", "correlation_loss"), ("02.2", "eta_weights"), ("02.3", "stop_step")):
+        cells += [new_code_cell(f"# Exercise {eid}: ...\ndef {fn}(*args):\n    raise NotImplementedError  # your code"),
+                  new_code_cell(f'from sepme_lib import exercises\nexercises.check("{eid}", {fn})')]
+    counts = iter(range(1, 20))
     for c in cells:
         if c.cell_type == "code":
             c.execution_count = next(counts)
@@ -66,6 +72,7 @@ def test_check_accepts_a_good_notebook(tmp_path):
     ("badge", "no Colab badge"),
     ("ids", "cells without ids"),
     ("exercises", "Exercises"),
+    ("header", "header lines"),
 ])
 def test_check_catches_stale_or_broken_notebooks(tmp_path, breakage, expected):
     path = synthetic(tmp_path)
@@ -82,7 +89,9 @@ def test_check_catches_stale_or_broken_notebooks(tmp_path, breakage, expected):
     elif breakage == "install":
         cells[1]["source"] = "# Colab only (elsewhere this cell does nothing)\nimport google.colab"
     elif breakage == "badge":
-        cells[0]["source"] = "# 00 · Synthetic"
+        cells[0]["source"] = "# 00 · Synthetic\n\n" + HEADER
+    elif breakage == "header":
+        cells[0]["source"] = f"# 00 · Synthetic\n\n{course.badge(path.name)}"
     elif breakage == "ids":
         del cells[2]["id"]
     elif breakage == "exercises":
