@@ -43,7 +43,7 @@ test: browser-deps $(VENV)/.browser
 	$(MAKE) test-browser
 
 test-unit: $(VENV)/.installed
-	$(PY) -m pytest -q -p no:cacheprovider tests/
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests/
 
 # nbval re-executes every notebook and compares the marked cells with the committed outputs (one torch thread, as
 # `make notebooks` executes them)

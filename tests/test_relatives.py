@@ -256,10 +256,12 @@ def test_profile_settings_cut_every_trained_method_in_ci_only():
         assert methods.profile_settings(m, ci)[key] == ci["finetune_steps"], m
 
 
-def test_relatives_benchmark_on_the_bundled_world():
-    """The comparison of notebooks 06-07 end to end on the bundled model (ci sizes, the fastest method)."""
-    from sepme_lib import bench, report
+def test_relatives_benchmark_on_the_bundled_world(monkeypatch):
+    """The comparison of notebooks 06-07 end to end on the bundled model (the fastest method, with the plumbing
+    sizes: 6 images, 8 DDIM steps; the ci profile's 20 x 20 are for numbers a reader sees)."""
+    from sepme_lib import bench, config, report
 
+    monkeypatch.setitem(config.PROFILES, "ci", dict(config.PROFILES["ci"], **config.PLUMBING))
     out = bench.relatives_benchmark("ci", methods_=["uce"])
     r = out["methods"]["uce"]
     assert [row["erased"] for row in r["rows"]] == ["striped", "striped+checkered+dotted"]
