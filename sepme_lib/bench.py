@@ -3,6 +3,7 @@
 * ``world``     -- renders per second of the world (one core).
 * ``quality``   -- the original model's classifier ACC per style and shape (the "original" column of every table).
 * ``sepme``     -- the paper's Tables 1-5 (and 6 in the full profile) on the bundled world.
+* ``joint``     -- Table 3: SepME's joint mode (the three increments trained in one loop), every combination.
 * ``relatives`` -- SepME beside its relatives (Tables 1-2 layout, distances, red-team ACC).
 * ``passes``    -- seconds per erasure step with and without the skipped empty-prompt pass.
 * ``widgets``   -- refresh time of the interactive grid (``widgets.benchmark_refresh``).
@@ -22,6 +23,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 from . import config, gcirs, methods, nullspace, report, separability, sepme, world
 from .classifier import accuracy, load_classifier
@@ -153,6 +155,36 @@ def bench_sepme(profile: str = "ci", progress: bool = True, checkpoint=None) -> 
     return out
 
 
+def bench_joint(profile: str = "full", progress: bool = True) -> dict:
+    """The paper's Table 3 on the bundled world (notebook 07): SepME's joint mode, the increments of ``ERASE_STYLES``
+    trained together in one loop with the bundled model's defaults (``methods.DEFAULTS``), then every combination
+    ``theta + sum_{i in S} dTheta_i`` judged on every style with the profile's ``images_per_concept`` images
+    (``evaluate.combination_table``; its rows carry the judge's heads where the library gives them)."""
+    prof = config.profile(profile, "tiny")
+    n, steps = prof["images_per_concept"], prof["sample_steps"]
+    model = load_model("tiny")
+    clf = load_classifier(device=model.device)
+    t0 = time.time()
+    ds = methods.erase(model, make_concepts(model, ERASE_STYLES, n_ref=prof["n_ref"]), method="sepme", mode="joint",
+                       progress=progress)
+    train_s = time.time() - t0
+    tab = combination_table(model, clf, ds, list(world.STYLES), n, steps=steps, progress=progress)
+    out = dict(command=f"python -m sepme_lib.bench joint --profile {prof['name']} --save", version=config.VERSION,
+               profile=prof["name"], images_per_concept=n, sample_steps=steps, n_ref=prof["n_ref"], mode="joint",
+               settings=methods.settings("sepme", model), torch_threads=torch.get_num_threads(),
+               original=tab["original"], rows=tab["rows"],
+               summary=dict(tab["summary"], leakage_max=_leakage_max(model, ds)),
+               steps=[d.info.get("steps") for d in ds], stop_reason=[d.info.get("stop_reason") for d in ds],
+               l1=[round(d.l1_norm(), 4) for d in ds], train_seconds=round(train_s, 1),
+               seconds=round(time.time() - t0, 1))
+    rows = [dict(erased="+".join(r["subset"]), **r["acc"]) for r in out["rows"]]
+    out["markdown"] = (f"SepME, joint mode ({n} images per style, {steps} DDIM steps): ACC of every style under theta "
+                       "+ the listed increments (Table 3 layout)\n\n"
+                       + report.markdown_table([dict(erased="-", **out["original"])] + rows,
+                                               ["erased", *out["original"]]))
+    return out
+
+
 def sweeps(model, clf, concepts, evals, n: int, steps, progress: bool = True) -> dict:
     """Table 6 (the stop threshold tau) and the L1 weight lambda, erasing ``concepts`` (one) with SepME_1 in the paper's
     plain setting (``single="plain"``: ``A = {c_0}``): with the bundled model's single-concept default the 150-step
@@ -263,6 +295,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=config.positive_int, default=None, help="DDIM steps (default: the model's)")
     q.add_argument("--guidance", type=float, default=None)
     sub.add_parser("sepme", parents=[common, prof], help="Tables 1-6 on the bundled world")
+    sub.add_parser("joint", parents=[common, prof], help="Table 3: SepME's joint mode, every combination")
     r = sub.add_parser("relatives", parents=[common, prof], help="SepME beside its relatives")
     r.add_argument("--methods", default=None, help="comma-separated subset of methods; with --save they replace their "
                                                    "rows in an existing results file and the other rows are kept")
@@ -303,6 +336,8 @@ def main(argv=None):
     elif args.what == "sepme":
         res = bench_sepme(prof, checkpoint=(lambda out: save(dict(out, complete=False))) if args.save else None)
         res["complete"] = True
+    elif args.what == "joint":
+        res = bench_joint(prof)
     elif args.what == "passes":
         res = bench_passes(args.steps)
     elif args.what == "deltas":

@@ -18,147 +18,106 @@ the wrong one (it must fail), so ``make test`` catches a wrong solution and a ch
 """
 from __future__ import annotations
 
-import json
 import math
-import re
-from pathlib import Path
-from typing import Callable
 
+import numpy as np
 import torch
 
-from . import config, gcirs, nullspace, sepme
+from . import gcirs, nullspace, sepme
+from .classifier import accuracy
 from .concepts import as_concepts
+from .evaluate import acc_table, eval_prompts, generate
 from .deltas import edited_weights
-from .model import load_model
 from . import deltas as _deltas, evaluate as _evaluate, paper as _paper, perceptual as _perceptual  # 07
 from . import closed_form as _closed_form, finetune as _finetune, methods as _methods  # 06
+from . import separability as _separability, world as _world  # 00, 08
 
-CHECKS: dict[str, tuple[str, Callable]] = {}
-RESULTS: dict[str, bool] = {}
-
-
-class ExerciseFailed(AssertionError):
-    """The learner's answer is wrong; the message says what is wrong, not what the answer is."""
-
-
-def exercise(eid: str, title: str):
-    """Register the check of exercise ``eid`` (``"NN.k"``): a function of the learner's answer that raises
-    :class:`ExerciseFailed` (through :func:`expect`) when it is wrong and may return a short note when it is right."""
-    def register(fn):
-        if eid in CHECKS:
-            raise ValueError(f"exercise {eid} is registered twice")
-        CHECKS[eid] = (title, fn)
-        return fn
-    return register
-
-
-def ids(notebook: str | None = None) -> list[str]:
-    """The registered exercise ids (of notebook ``"NN"`` if given), in order."""
-    return sorted(k for k in CHECKS if notebook is None or k.startswith(f"{notebook}."))
-
-
-def expect(ok: bool, hint: str) -> None:
-    """Raise :class:`ExerciseFailed` with ``hint`` unless ``ok``."""
-    if not ok:
-        raise ExerciseFailed(hint)
-
-
-def expect_close(got, reference, what: str, rtol: float = 1e-4, atol: float = 1e-8) -> None:
-    """``got`` must be a tensor (or number) of ``reference``'s shape and close to it; the hint names ``what``, the
-    shapes or the size of the mismatch, not the reference values."""
-    if isinstance(reference, (int, float)):
-        expect(isinstance(got, (int, float)) or (torch.is_tensor(got) and got.numel() == 1),
-               f"{what}: expected a single number, got {type(got).__name__}")
-        got, reference = float(got), float(reference)
-        expect(math.isfinite(got), f"{what}: got {got}, not a finite number")
-        err = abs(got - reference)
-        expect(err <= atol + rtol * abs(reference), f"{what}: off by {err / max(abs(reference), 1e-30):.1%} "
-                                                    "of the expected size")
-        return
-    expect(torch.is_tensor(got), f"{what}: expected a torch tensor, got {type(got).__name__}")
-    expect(tuple(got.shape) == tuple(reference.shape),
-           f"{what}: shape {tuple(got.shape)}, expected {tuple(reference.shape)}")
-    got = got.detach().to(reference.device, reference.dtype)
-    expect(bool(torch.isfinite(got).all()), f"{what}: contains NaN or inf")
-    err = float((got - reference).abs().max())
-    scale = float(reference.abs().max())
-    expect(err <= atol + rtol * scale, f"{what}: the largest entry-wise difference is {err / max(scale, 1e-30):.1%} "
-                                       "of the largest entry")
-
-
-def check(eid: str, answer) -> bool:
-    """Check the learner's ``answer`` to exercise ``eid``; see the module docstring. Returns ``True`` when it is
-    right, ``False`` while it is not written yet; raises :class:`ExerciseFailed` when it is wrong."""
-    if eid not in CHECKS:
-        raise KeyError(f"no exercise {eid!r}; known: {', '.join(ids())}")
-    title, fn = CHECKS[eid]
-    try:
-        note = fn(answer)
-    except NotImplementedError:
-        print(f"Exercise {eid} ({title}): not done yet. Write your code in the cell above, run it, then run this "
-              "cell again.")
-        RESULTS[eid] = False
-        return False
-    except ExerciseFailed as e:
-        RESULTS[eid] = False
-        raise ExerciseFailed(f"Exercise {eid} ({title}): not yet right. {e}") from None
-    print(f"Exercise {eid} ({title}): correct." + (f" {note}" if note else ""))
-    RESULTS[eid] = True
-    return True
-
-
-STUB_RE = re.compile(r"^# Exercise (\d\d\.\d+)\b")
-BLOCK_RE = re.compile(r"^# %% (Exercise|Wrong) (\d\d\.\d+)\b.*$", re.M)
-SOLUTIONS = config.ROOT / "solutions"
-
-
-def notebook_exercises(nb) -> dict:
-    """``{id: (stub cell source, check cell source)}`` of a notebook (a dict as read from the .ipynb JSON, or a
-    path): every code cell that starts with ``# Exercise NN.k`` and the next code cell, which must call
-    ``exercises.check("NN.k", ...)``."""
-    if not isinstance(nb, dict):
-        nb = json.loads(Path(nb).read_text())
-    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    out = {}
-    for k, src in enumerate(code):
-        m = STUB_RE.match(src)
-        if m:
-            nxt = code[k + 1] if k + 1 < len(code) else ""
-            if f'check("{m.group(1)}"' not in nxt:
-                raise ValueError(f"exercise {m.group(1)}: the cell after its stub must call "
-                                 f'exercises.check("{m.group(1)}", ...)')
-            out[m.group(1)] = (src, nxt)
-    return out
-
-
-def solution_blocks(notebook_name: str) -> dict:
-    """``{("Exercise" | "Wrong", id): source}`` from ``solutions/NN_*.py`` of notebook ``notebook_name``."""
-    hits = sorted(SOLUTIONS.glob(f"{notebook_name[:2]}_*.py"))
-    if len(hits) != 1:
-        raise FileNotFoundError(f"expected one solutions/{notebook_name[:2]}_*.py, found {[h.name for h in hits]}")
-    text = hits[0].read_text()
-    marks = list(BLOCK_RE.finditer(text))
-    return {(m.group(1), m.group(2)): text[m.start():(marks[i + 1].start() if i + 1 < len(marks) else len(text))]
-            for i, m in enumerate(marks)}
-
-
-_CACHE: dict = {}
-
-
-def _model():
-    """The bundled model, loaded once for every check that needs it."""
-    if "model" not in _CACHE:
-        _CACHE["model"] = load_model("tiny", device="cpu")
-    return _CACHE["model"]
-
-
-def _rand(*shape, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+from .exercise_kit import (CHECKS, RESULTS, ExerciseFailed, _CACHE, _model, _rand, check, exercise, expect,  # noqa: F401
+                           expect_close, ids, notebook_exercises, solution_blocks)
 
 
 # ------------------------------------------------------------------------------------------ notebook 00
+def _judge():
+    if "judge" not in _CACHE:
+        _CACHE["judge"] = _separability.load_classifier(model=_model(), device="cpu")
+    return _CACHE["judge"]
+
+
+@exercise("00.1", "ACC on every head from the judge's predictions")
+def _check_00_1(head_accuracy):
+    model, judge, cs = _model(), _judge(), _evaluate.concept_set(_model())
+    for name, ds in (("striped", sepme.bundled_deltas(model, ("striped",))), ("dotted", None)):
+        imgs = _evaluate.generate(model, cs.eval_prompts(name, 6), range(6), deltas=ds, steps=8)
+        got = head_accuracy(judge.predict(imgs), cs.eval_targets(name, 6))
+        ref = _evaluate.acc_heads(model, judge, [name], 6, deltas=ds, steps=8)[name]
+        expect(isinstance(got, dict) and set(got) == {"style", "shape", "colour"},
+               "expected a dict {head: share of images read as their target} with the heads the targets name")
+        for h, v in got.items():
+            expect_close(v, ref[h], f"the {h} accuracy of {name!r}{' erased' if ds else ''}", atol=1e-9)
+
+
+@exercise("00.2", "a caption in the world's grammar")
+def _check_00_2(caption):
+    for spec in (("circle", "striped", "red"), ("star", "blank", "blue"), ("triangle", "outline", None),
+                 (None, "dotted", "purple"), ("square", None, None), (None, None, None)):
+        got = caption(*spec)
+        expect(got == _world.caption(*spec), f"caption{spec} gives {got!r}: check the article, the noun without a "
+                                             "shape, and what the blank style (or none) writes")
+    model, judge = _model(), _judge()
+    pred = judge.predict(_evaluate.generate(model, [caption("star", "checkered", "green")] * 4, range(4), steps=20))
+    ok = sum(p == ("checkered", "star", "green") for p in zip(pred["style"], pred["shape"], pred["colour"]))
+    return f"The judge reads style, shape and colour right on {ok} of 4 images of {caption('star', 'checkered', 'green')!r}."
+
+
+@exercise("00.3", "where the judge puts each style: a confusion table")
+def _check_00_3(style_confusion):
+    model, judge = _model(), _judge()
+    targets = ["striped"] * 3 + ["dotted"] * 2 + ["blank"]
+    imgs = _evaluate.generate(model, ["a red circle in striped style"] * 3 + ["a blue star in dotted style"] * 2
+                              + ["a green square"], range(6), deltas=sepme.bundled_deltas(model, ("striped",)), steps=8)
+    got, styles = style_confusion(judge, imgs, targets), judge.heads_labels["style"]
+    expect(isinstance(got, dict) and set(got) == set(targets), "expected one row per target style that occurs")
+    for t, row in got.items():
+        expect(isinstance(row, dict) and set(row) == set(styles), f"row {t!r}: one count per style the judge knows")
+        sub = imgs[[k for k, x in enumerate(targets) if x == t]]
+        expect(all(row[s] == round(_evaluate.accuracy(judge, sub, "style", s) * len(sub)) for s in styles),
+               f"row {t!r}: the counts are wrong (rows are the targets, columns what the judge reads)")
+
 
 # ------------------------------------------------------------------------------------------ notebook 01
+@exercise("01.1", "the forward process q(x_t | x_0)")
+def _check_01_1(forward_noise):
+    model = _model()
+    x0, noise, t = _rand(5, *model.latent_shape, seed=1), _rand(5, *model.latent_shape, seed=2), torch.tensor(
+        [0, 10, 300, 700, 999])
+    expect_close(forward_noise(x0, noise, t, model.alphas_cumprod), model.scheduler.add_noise(x0, noise, t),
+                 "x_t at t = 0, 10, 300, 700, 999 (against the scheduler's add_noise)", rtol=1e-4, atol=1e-6)
+
+
+@exercise("01.2", "one DDIM step (eta = 0)")
+def _check_01_2(ddim_step):
+    model = _model()
+    sched = type(model.scheduler).from_config(model.scheduler.config, prediction_type="epsilon", clip_sample=False)
+    sched.set_timesteps(20)
+    x, eps = _rand(2, *model.latent_shape, seed=3), _rand(2, *model.latent_shape, seed=4)
+    for t in (int(sched.timesteps[2]), int(sched.timesteps[10]), int(sched.timesteps[-2])):
+        t_prev = t - model.num_train_timesteps // 20
+        expect_close(ddim_step(x, eps, t, t_prev, model.alphas_cumprod), sched.step(eps, t, x, eta=0.0).prev_sample,
+                     f"x_t' from t = {t} to t' = {t_prev} (against diffusers' DDIMScheduler.step)", rtol=1e-3, atol=1e-5)
+
+
+@exercise("01.3", "the keys K = c W_k^T of a cross-attention layer")
+def _check_01_3(keys):
+    model, seen, prompt = _model(), {}, "a green star in dotted style"
+    for name, m in list(model.cross_attention_layers().items())[::5]:
+        hook = m.to_k.register_forward_hook(lambda mod, inp, out: seen.__setitem__("K", out.detach()[0]))
+        try:
+            with torch.no_grad():
+                model.eps(_rand(1, *model.latent_shape), torch.tensor([500]), model.embed([prompt]))
+        finally:
+            hook.remove()
+        expect_close(keys(model, name, prompt), seen["K"], f"the keys of {name} (against a hook on its to_k)")
+
 
 # ------------------------------------------------------------------------------------------ notebook 02
 @exercise("02.1", "Eq. (2), the correlation loss")
@@ -180,9 +139,11 @@ def _check_02_1(correlation_loss):
 @exercise("02.2", "Eq. (3), the balancing weights eta_i")
 def _check_02_2(eta_weights):
     rs = [_rand(2, 4, 8, 8, seed=s) for s in range(3)]
-    rns = [(1 + k) * _rand(2, 4, 8, 8, seed=10 + s) for k, s in enumerate(range(3))]
+    rns = [((1 + k) * _rand(2, 4, 8, 8, seed=10 + s)).requires_grad_(True) for k, s in enumerate(range(3))]
     got = eta_weights(rs, rns)
     expect(len(got) == 3, f"one weight per concept: expected 3, got {len(got)}")
+    expect(not any(torch.is_tensor(g) and g.requires_grad for g in got),
+           "the weights carry a gradient: eta weighs the losses, it is not optimised (detach it)")
     expect(abs(float(got[0]) - 1) < 1e-6, "the first concept's weight must be 1 (everything is relative to it)")
     for k, (g, ref) in enumerate(zip(got, gcirs.eta_weights(rs, rns))):
         expect_close(float(g), ref, f"eta_{k + 1}", rtol=1e-4)
@@ -289,17 +250,8 @@ def _check_04_3(project_to_stage):
 
 
 # ------------------------------------------------------------------------------------------ notebook 05
-def _judge():
-    from .classifier import load_classifier
-    if "judge" not in _CACHE:
-        _CACHE["judge"] = load_classifier(model=_model(), device="cpu")
-    return _CACHE["judge"]
-
-
 @exercise("05.1", "where the erased images go: the share of each judged style")
 def _check_05_1(style_shares):
-    from .classifier import accuracy
-    from .evaluate import eval_prompts, generate
     model, judge = _model(), _judge()
     imgs = generate(model, eval_prompts(model, "striped", 6), range(6), sepme.bundled_deltas(model), [1, 0, 0], steps=8)
     got = style_shares(judge, imgs)
@@ -312,7 +264,6 @@ def _check_05_1(style_shares):
 
 @exercise("05.2", "ACC against the strength s of one increment")
 def _check_05_2(acc_vs_strength):
-    from .evaluate import acc_table
     model, judge = _model(), _judge()
     ds, strengths = sepme.bundled_deltas(model), [1.0]
     got = acc_vs_strength(model, judge, ds, "checkered", strengths, 4, 8)
@@ -325,7 +276,6 @@ def _check_05_2(acc_vs_strength):
 
 @exercise("05.3", "the smallest strength that erases, read off a measured curve")
 def _check_05_3(smallest_erasing_strength):
-    import numpy as np
     curves = [([0, .5, 1, 1.5], [1, .6, .05, 0]), ([0, .25, .5, .75, 1], [.9, .05, .5, .02, 0]),
               ([0, 1, 2], [1, .1, 0]), ([0, 1], [.05, 0]), ([0, 1, 2], [1, .9, .8])]
     for s, acc in curves:
@@ -353,15 +303,17 @@ def _check_06_1(uce_edit):
 @exercise("06.2", "ESD-x's negatively guided loss")
 def _check_06_2(esd_step_loss):
     model = _model()
-    s = _methods.settings("esd", model, steps=2, batch=2, params="kv", eta=1.5)
+    s = _methods.settings("esd", model, steps=3, batch=2, params="kv", eta=1.5)
     concepts = as_concepts(model, ["striped"], n_ref=4)
-    ref = _finetune.esd(model, concepts, s)
+    ref = _finetune.esd(model, concepts, s)  # the library's ESD-x loop; yours runs in the same loop below
     got = _finetune.finetune(model, concepts, s, lambda X, T, E, I, w: esd_step_loss(model, X, T, E, w, s["eta"]),
                              "esd", False)
     expect(abs(got.info["loss"][0] - ref.info["loss"][0]) <= 1e-5 * ref.info["loss"][0],
            "the first step's loss differs from ESD-x's: check the target's sign and the prompts the frozen model reads")
-    for k in ref.tensors:
-        expect_close(got.tensors[k], ref.tensors[k], f"the increment of {k} after two steps", rtol=1e-3, atol=1e-7)
+    expect(max(float(v.abs().max()) for v in got.tensors.values()) > 0, "no gradient reaches the edited weights")
+    for i in (1, 2):
+        expect_close(got.info["loss"][i], ref.info["loss"][i], f"the loss at step {i + 1} (after training with "
+                     "your loss: does the prediction use the edited weights, the target the frozen ones?)", rtol=1e-3)
 
 
 @exercise("06.3", "RECE's derived embedding (Eq. 8)")
@@ -417,3 +369,41 @@ def _check_07_3(one_minus_ssim):
 
 
 # ------------------------------------------------------------------------------------------ notebook 08
+@exercise("08.1", "the key/value change of held-out captions")
+def _check_08_1(kv_change):
+    model = _model()
+    d, erased = sepme.bundled_deltas(model, ("striped",))[0], list(_evaluate.concept_set(model).erase)
+    ref = _separability.kv_metrics(model, d, "striped", erased)
+    got = kv_change(model, d, _separability.heldout(model, "striped", erased)["protected"])
+    expect(isinstance(got, tuple) and len(got) == 2, "return (median, max) over the captions")
+    expect_close(float(got[0]), ref["heldout_protected_kv_median"], "the median over the captions", rtol=1e-3)
+    expect_close(float(got[1]), ref["heldout_protected_kv_max"], "the max over the captions", rtol=1e-3)
+
+
+def _prior_rows(model):
+    return nullspace.stack_rows(model, [""] + _separability.prior_captions(model, ["striped"])[:40])
+
+
+@exercise("08.2", "a soft null space inside the exact one")
+def _check_08_2(soft_null_space):
+    model = _model()
+    A, R = nullspace.stack_rows(model, ["", "a red circle in checkered style", "a blue star in dotted style"]), \
+        _prior_rows(model)
+    for s in (1e-3, 1e-5):
+        ref, S = nullspace.null_space(A, prior=R, soft=s).basis, soft_null_space(A, R, s)
+        expect(torch.is_tensor(S) and S.dim() == 2 and S.shape[0] == A.shape[1], "S must be a (d_in, k) tensor")
+        expect(S.shape[1] == ref.shape[1], f"soft = {s:g}: you keep {S.shape[1]} directions, too "
+               f"{'few' if S.shape[1] < ref.shape[1] else 'many'} (which largest eigenvalue is the cut relative to?)")
+        expect_close(S.double() @ S.double().T, ref @ ref.T, f"the projector S S^T at soft = {s:g}", atol=1e-8)
+
+
+@exercise("08.3", "the share of the prior's energy a basis reads")
+def _check_08_3(energy_share):
+    model = _model()
+    A, R = nullspace.stack_rows(model, ["", "a red circle in checkered style"]), _prior_rows(model)
+    for s in (1e-2, 1e-4):
+        ns = nullspace.null_space(A, prior=R, soft=s)
+        mix = torch.eye(ns.dim, dtype=torch.float64) + 0.3 * torch.triu(_rand(ns.dim, ns.dim, seed=5,
+                                                                               dtype=torch.float64), 1)
+        expect_close(float(energy_share(R, ns.basis @ mix)), ns.prior_energy,
+                     f"the share at soft = {s:g} (the basis given spans the space but is not orthonormal)", rtol=1e-4)

@@ -1,7 +1,7 @@
 """Small matplotlib helpers the notebooks share: image grids, training curves with a stop marker, bars and
 a log-scale heat map (the leakage certificates of notebook 03).
 
-Kept tiny on purpose: figures are small PNGs (dpi <= 80) so executed notebooks stay light; images are drawn at least
+Readable on the repository page and still light: dpi 100, titles of 9-11 pt, legends of 9 pt; images are drawn at least
 ``MIN_PX`` screen pixels wide, and titles are wrapped to the width of their image so that they never overlap.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-DPI = 72
-MIN_PX = 80        # smallest on-screen size of one image in a grid (pixels at DPI)
-TITLE_PT = 8       # font size of image titles (points)
+DPI = 100
+MIN_PX = 96        # smallest on-screen size of one image in a grid (pixels at DPI)
+TITLE_PT = 9       # font size of image titles (points)
 
 
 def _hwc(img):
@@ -90,14 +90,14 @@ def show_grid(images, titles=None, ncols: int = 8, scale: float | None = None, s
                 ax.set_ylabel(str(row_labels[r]), fontsize=label_pt, rotation=0, ha="right", va="center")
         y -= gap
     if suptitle:
-        fig.suptitle(suptitle, fontsize=9, y=1 - 0.05 / fig_h, va="top")
+        fig.suptitle(suptitle, fontsize=11, y=1 - 0.05 / fig_h, va="top")
     plt.show()
     return fig
 
 
 def plot_curves(curves: dict, stop_at=None, tau=None, ylabel="loss", title=None):
     """Line plot of named curves; a dashed line at ``tau`` and a marker at the stop step (notebooks 01-04)."""
-    fig, ax = plt.subplots(figsize=(5, 2.8), dpi=80)
+    fig, ax = plt.subplots(figsize=(5, 2.8), dpi=DPI)
     for name, ys in curves.items():
         ax.plot(range(1, len(ys) + 1), ys, label=name, lw=1.2)
     if tau is not None:
@@ -106,8 +106,8 @@ def plot_curves(curves: dict, stop_at=None, tau=None, ylabel="loss", title=None)
         ax.axvline(stop_at, color="red", ls=":", lw=1, label=f"stop at step {stop_at}")
     ax.set_xlabel("step"), ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     plt.show()
     return fig
@@ -115,7 +115,7 @@ def plot_curves(curves: dict, stop_at=None, tau=None, ylabel="loss", title=None)
 
 def bar(values: dict, ylabel="", log=False, title=None, hline=None):
     """Bar chart of ``{label: value}`` (optionally log-scaled, with a dashed reference line at ``hline``)."""
-    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=80)
+    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=DPI)
     ax.bar(list(map(str, values)), list(values.values()), color="#4c72b0")
     if log:
         ax.set_yscale("log")
@@ -123,8 +123,8 @@ def bar(values: dict, ylabel="", log=False, title=None, hline=None):
         ax.axhline(hline, color="red", ls="--", lw=0.8)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=9)
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=11)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=9)
     fig.tight_layout()
     plt.show()
     return fig
@@ -139,20 +139,20 @@ def heatmap(table: dict, title=None, log: bool = True, fmt: str = "{:.1e}", cbar
     cols = list(dict.fromkeys(c for r in rows for c in table[r]))
     M = np.array([[float(table[r].get(c, np.nan)) for c in cols] for r in rows])
     shown = np.log10(np.clip(M, 1e-30, None)) if log else M
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 0.8 + 0.45 * len(rows)), dpi=80)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 0.8 + 0.45 * len(rows)), dpi=DPI)
     im = ax.imshow(shown, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols)), [str(c) for c in cols], fontsize=8, rotation=20, ha="right")
-    ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=8)
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols], fontsize=9, rotation=20, ha="right")
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=9)
     lo, hi = np.nanmin(shown), np.nanmax(shown)
     for i in range(len(rows)):
         for j in range(len(cols)):
             if np.isfinite(M[i, j]):
                 light = shown[i, j] < lo + 0.5 * (hi - lo)
-                ax.text(j, i, fmt.format(M[i, j]), ha="center", va="center", fontsize=7,
+                ax.text(j, i, fmt.format(M[i, j]), ha="center", va="center", fontsize=9,
                         color="white" if light else "black")
     fig.colorbar(im, ax=ax, label=("log10 " if log else "") + cbar_label)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=11)
     fig.tight_layout()
     plt.show()
     return fig

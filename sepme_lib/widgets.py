@@ -20,14 +20,15 @@ leakage, time), :func:`render_comparison` (the same beside the cached original, 
 :func:`benchmark_refresh` (refresh time).
 
 :class:`CombinationWidget` only wires ipywidgets controls to these functions: while it re-renders, the readout says
-so (no stale numbers); an error replaces the readout with the message and marks the images as not updated.
+so (no stale numbers); an error replaces the readout with the message and marks the images as not updated. Its
+displayed output also carries :func:`snapshot_image`, a drawn PNG of the same state (controls, images, readout), which
+viewers that cannot render widgets (GitHub, an untrusted notebook) show instead of the live view.
 
 Refresh times measured on the bundled model are in the README ("Results on the bundled world").
 """
 from __future__ import annotations
 
 import html
-import io
 import math
 import re
 import statistics
@@ -37,8 +38,6 @@ import warnings
 import ipywidgets as W
 import numpy as np
 import torch
-from IPython.display import display
-from PIL import Image
 
 from . import adapters as _adapters, world
 from .classifier import HEADS, predict
@@ -46,12 +45,11 @@ from .concepts import concept_set
 from .deltas import combine, edited_weights
 from .nullspace import leakage
 from .perceptual import perceptual_distance
+from .picture import MAX_TILE, MIN_TILE, grid_image, png_bytes, tile_scale, widget_picture  # noqa: F401
 
 WIDGET_STEPS = 8       # DDIM steps per refresh (see the module docstring for the measurement)
 WIDGET_GUIDANCE = None  # None -> the model's own guidance (config.TINY_GUIDANCE for the bundled model)
 SCALE_RANGE = (-1.0, 2.0)
-MIN_TILE = 128         # every image is shown at least this many pixels wide (32x32 images: 4x, nearest neighbour)
-MAX_TILE = 256         # larger images (Stable Diffusion's 512x512) are shown downscaled to this width
 SLIDER_WIDTH = "520px"  # the whole slider row: description 90 px + track (>= 300 px) + readout
 
 
@@ -241,45 +239,6 @@ def render_comparison(model, clf, deltas, scales, prompt: str, seed: int = 0, n:
 
 
 # ------------------------------------------------------------------------------------------ display
-def tile_scale(size: int, min_tile: int = MIN_TILE, max_tile: int = MAX_TILE) -> float:
-    """The factor an image of ``size`` pixels is shown at: enlarged (whole factors) to at least ``min_tile`` pixels,
-    reduced to at most ``max_tile``."""
-    if size < min_tile:
-        return float(-(-min_tile // size))
-    return min(1.0, max_tile / size)
-
-
-def grid_image(images, ncols: int | None = None, upscale: float | None = None, gap: int = 2, background=255):
-    """A PIL image: ``images`` (N,3,H,W) in [0,1] tiled ``ncols`` wide, each scaled ``upscale`` times (default
-    :func:`tile_scale`: small images enlarged nearest-neighbour to >= ``MIN_TILE`` pixels, large ones reduced)."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be a (N, 3, H, W) tensor in [0, 1], got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    n, _, h, w = images.shape
-    upscale = tile_scale(max(h, w)) if upscale is None else upscale
-    if not upscale > 0 or gap < 0:
-        raise ValueError(f"upscale must be > 0 and gap >= 0, got upscale={upscale}, gap={gap}")
-    ncols = min(ncols or n, n)
-    nrows = -(-n // ncols)
-    H, Wd = max(1, round(h * upscale)), max(1, round(w * upscale))
-    canvas = Image.new("RGB", (ncols * Wd + (ncols - 1) * gap, nrows * H + (nrows - 1) * gap), (background,) * 3)
-    arr = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    for k in range(n):
-        r, c = divmod(k, ncols)
-        tile = Image.fromarray(arr[k])
-        if (H, Wd) != (h, w):
-            tile = tile.resize((Wd, H), Image.NEAREST if upscale >= 1 else Image.LANCZOS)
-        canvas.paste(tile, (c * (Wd + gap), r * (H + gap)))
-    return canvas
-
-
-def png_bytes(img) -> bytes:
-    """PNG bytes of a PIL image (what ``ipywidgets.Image`` displays; a 4-image grid is a few kB)."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
-
-
 def warning_text(state: dict) -> str:
     """The widget's warning line ('' if none): words the model never saw (spelled letter by letter by its
     tokenizer) and the heads that get no ACC because of them."""
@@ -400,8 +359,31 @@ class CombinationWidget:
             self.edited_caption.value = self._edited_title("not updated: the last change failed")
             self.readout.value = _pre(f"could not render this state: {type(e).__name__}: {e}", "#b00")
 
-    def _ipython_display_(self):
-        display(self.ui)
+    def snapshot_image(self):
+        """A static picture of the widget as it stands (:func:`snapshot_image`)."""
+        return snapshot_image(self)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        """The live widget's view, and beside it a PNG snapshot of the same state: viewers without the widget's
+        state (GitHub, an untrusted notebook, nbconvert without state) show the picture instead of a blank."""
+        data = self.ui._repr_mimebundle_()
+        if self.last is not None:
+            data["text/plain"] = ("CombinationWidget (a static snapshot; run the notebook for live controls)\n"
+                                  + format_readout(self.last["edited"], self.last))
+            data["image/png"] = png_bytes(self.snapshot_image())
+        return data
+
+
+# ------------------------------------------------------------------------------------------ static snapshot
+def snapshot_image(widget: "CombinationWidget", width: int = 640):
+    """A PIL picture of ``widget``'s controls, images and readout as they stand (drawn, not a screenshot): the stored
+    fallback of the widget's output, for viewers that cannot render widgets. Call ``widget.update()`` first."""
+    if widget.last is None:
+        raise ValueError("the widget has not rendered yet: call widget.update() first")
+    return widget_picture([(b.description, b.value) for b in widget.checks],
+                          [(float(sl.value), sl.min, sl.max) for sl in widget.sliders], widget.prompt.value,
+                          widget.seed.value, widget.last["original"]["images"], widget.last["edited"]["images"],
+                          format_readout(widget.last["edited"], widget.last).splitlines(), width)
 
 
 # ------------------------------------------------------------------------------------------ benchmark

@@ -3,8 +3,9 @@
 # check must catch.
 
 # %% Exercise 02.1
-# Exercise 02.1: Eq. (2), L_cor = mean(r_theta(c) * r_{theta+dtheta}(c)), with no gradient into the frozen r.
+# Exercise 02.1: Eq. (2), the correlation loss L_cor
 def correlation_loss(r, r_new):
+    """L_cor of Eq. (2): r = r_theta(c) from the frozen model (no gradient), r_new = r_{theta+dtheta}(c)."""
     return (r.detach() * r_new).mean()
 
 
@@ -14,9 +15,10 @@ def correlation_loss(r, r_new):
 
 
 # %% Exercise 02.2
-# Exercise 02.2: Eq. (3) as the library computes it: eta_i = ||r_1 * r'_1|| / ||r_i * r'_i||.
+# Exercise 02.2: Eq. (3), the balancing weights eta_i
 def eta_weights(rs, r_news):
-    norms = [float((r * rn).norm()) for r, rn in zip(rs, r_news)]
+    """[eta_1, ..., eta_N] for concepts with representations rs[i] (frozen) and r_news[i] (edited); eta_1 = 1."""
+    norms = [float((r.detach() * rn.detach()).norm()) for r, rn in zip(rs, r_news)]
     return [norms[0] / n for n in norms]
 
 
@@ -27,9 +29,9 @@ def eta_weights(rs, r_news):
 
 
 # %% Exercise 02.3
-# Exercise 02.3: Eq. (4): L_mom starts at the first loss; stop (1-based step returned) when L_mom < tau at a 0-based
-# step index i > warmup; None if it never stops.
+# Exercise 02.3: Eq. (4), the step at which momentum early stopping fires
 def stop_step(losses, alpha, tau, warmup):
+    """The 1-based step at which L_mom < tau stops the run (0-based index > warmup), or None if it never does."""
     mom = None
     for i, loss in enumerate(losses):
         mom = loss if mom is None else alpha * mom + (1 - alpha) * loss

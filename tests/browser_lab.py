@@ -1,6 +1,6 @@
 """Notebook 05's widget in a real browser (``make test-browser``; not part of ``pytest tests/``: run it by path).
 
-JupyterLab runs headless on a copy of ``notebooks/`` (the repository's files are never touched); Debian's ``chromium``
+JupyterLab runs headless on a copy of ``notebooks/`` (the notebooks in the repository are never touched); Debian's ``chromium``
 and ``chromium-driver`` (``$CHROMIUM``, ``$CHROMEDRIVER``; nothing downloads a browser or a driver) open notebook 05:
 
 1. opening it does not mark it modified (kernel name, nbformat and cell ids as JupyterLab writes them);
@@ -8,6 +8,10 @@ and ``chromium-driver`` (``$CHROMIUM``, ``$CHROMEDRIVER``; nothing downloads a b
 3. the widget shows the original and the edited images (each tile >= 64 px) and sliders with a >= 300 px track;
 4. moving the first strength slider, then toggling the first checkbox, each changes the edited image and the readout,
    and neither leaves an error or a "rendering" readout behind.
+
+Before it touches a control it saves a screenshot of the widget as JupyterLab draws it (controls and images, cropped,
+palette PNG of < 300 KB) to ``docs/widget_05.png`` (``$SEPME_SCREENSHOT`` overrides the path; empty: no file): the
+picture notebook 05 and the README show to readers who do not run the notebook. This is the one file it writes.
 """
 import json
 import os
@@ -20,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageChops
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
@@ -35,6 +40,8 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
 TOKEN = "sepme-browser-test"
 RUN_TIMEOUT = int(os.environ.get("SEPME_BROWSER_TIMEOUT", "900"))  # seconds for "Run All Cells"
+SCREENSHOT = os.environ.get("SEPME_SCREENSHOT", str(ROOT / "docs" / "widget_05.png"))
+MAX_SCREENSHOT_BYTES = 300_000
 
 if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
     pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install -y chromium chromium-driver)",
@@ -138,6 +145,34 @@ def _state(widget) -> tuple[str, str]:
     return imgs[-1].get_attribute("src"), pres[-1].text
 
 
+def save_screenshot(png: bytes, path: str | Path, pad: int = 8) -> int:
+    """Crop a screenshot to what is drawn on it (plus ``pad`` px), store it as a palette PNG; returns its size in bytes."""
+    import io
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    box = ImageChops.difference(img, Image.new("RGB", img.size, "white")).getbbox() or (0, 0, *img.size)
+    img = img.crop((max(box[0] - pad, 0), max(box[1] - pad, 0), min(box[2] + pad, img.width), min(box[3] + pad, img.height)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return Path(path).stat().st_size
+
+
+def _scroll_into_panel(driver, el, tries: int = 20) -> bool:
+    """Scroll ``el`` to the top of the notebook's scrolling panel until it lies wholly inside it (outputs above it that
+    finish loading push it down again: retried until it stays)."""
+    inside_js = """const r = arguments[0].getBoundingClientRect();
+        let p = arguments[0].parentElement;
+        while (p && !(p.scrollHeight > p.clientHeight && /auto|scroll/.test(getComputedStyle(p).overflowY))) {
+            p = p.parentElement; }
+        const c = p ? p.getBoundingClientRect() : {top: 0, bottom: window.innerHeight};
+        return r.height > 0 && r.top >= c.top - 1 && r.bottom <= c.bottom + 1;"""
+    for _ in range(tries):
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", el)
+        time.sleep(1.0)
+        if driver.execute_script(inside_js, el):
+            return True
+    return False
+
+
 def _settled_change(driver, widget, before, timeout=120):
     """Wait until both the edited image and the readout differ from ``before`` and the readout is final."""
     def done(_):
@@ -172,6 +207,13 @@ def test_notebook_05_runs_and_its_widget_answers(lab, browser):
     assert tracks and min(t.size["width"] for t in tracks) >= 300, [t.size["width"] for t in tracks]
     before = _state(widget)
     assert "ACC" in before[1] and "leakage" in before[1], before[1]
+    if SCREENSHOT:  # the widget as it opened (every increment on), for readers who do not run the notebook
+        _wait(browser, lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+                                     for i in imgs), 30)
+        assert _scroll_into_panel(browser, widget), "the widget does not fit in the notebook panel: no screenshot"
+        size = save_screenshot(widget.screenshot_as_png, SCREENSHOT)
+        print(f"screenshot of the widget: {SCREENSHOT} ({size / 1e3:.0f} kB)")
+        assert size < MAX_SCREENSHOT_BYTES, f"{SCREENSHOT} is {size / 1e3:.0f} kB (> {MAX_SCREENSHOT_BYTES / 1e3:.0f} kB)"
 
     t2 = time.time()  # move the first strength slider (a drag: one change event)
     handle = widget.find_elements(By.CSS_SELECTOR, ".noUi-handle")[0]

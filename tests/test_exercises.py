@@ -22,7 +22,7 @@ CASES = [(nb, eid) for nb in NOTEBOOKS for eid in exercises.notebook_exercises(j
 
 
 def _run(block: str, check_cell: str) -> dict:
-    ns = {"__name__": "__exercise__"}
+    ns = {"__name__": "__exercise__", "exercises": exercises}  # as in the notebook, which imported it earlier
     with contextlib.redirect_stdout(io.StringIO()):
         exec(compile(block, "<solution>", "exec"), ns)  # noqa: S102 - the repository's own solution files
         exec(compile(check_cell, "<check cell>", "exec"), ns)  # noqa: S102

@@ -12,7 +12,7 @@ ROOT = PKG.parent
 # Layers, top to bottom: a module may import modules of earlier layers only (docs/DESIGN.md, "Layers").
 LAYERS = [
     ["config"],
-    ["world", "paper", "report", "plots", "perceptual", "checkpoint"],
+    ["world", "paper", "report", "plots", "picture", "perceptual", "checkpoint"],
     ["model"],
     ["concepts", "deltas"],
     ["classifier", "gcirs", "lora"],
@@ -21,7 +21,8 @@ LAYERS = [
     ["closed_form", "finetune", "speed"],
     ["methods"],
     ["evaluate", "separability"],
-    ["widgets", "exercises"],
+    ["widgets", "exercise_kit"],
+    ["exercises"],
     ["train_tiny", "train_classifier"],
     ["random_sd"],
     ["bench", "course", "scaleout"],

@@ -307,3 +307,22 @@ def test_widget_on_stable_diffusion(tiny_sd, sd_setup):
     assert set(comp["edited"]["acc"]) == {"style"} and comp["edited"]["unknown"] == []
     w.checks[1].value = False
     assert set(w.last["edited"]["leakage"]["off"]) == {"Cezanne"} and w.last["edited"]["leakage"]["off"]["Cezanne"] < 1e-4
+
+
+def test_snapshot_shows_the_widget_to_viewers_without_widgets(tiny, clf, ds):
+    """The widget's output carries, beside the live view, a drawn PNG of the same state (GitHub, untrusted notebooks)."""
+    pytest.importorskip("ipywidgets")
+    w = widgets.CombinationWidget(tiny, clf, ds, n=2, steps=STEPS)
+    assert "image/png" not in w._repr_mimebundle_()  # nothing rendered yet: no picture of old numbers
+    with pytest.raises(ValueError, match="update"):
+        widgets.snapshot_image(w)
+    w.update()
+    w.checks[1].value = False
+    bundle = w._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == w.ui.model_id
+    assert bundle["image/png"][:8] == b"\x89PNG\r\n\x1a\n" and len(bundle["image/png"]) < 150_000
+    assert "static snapshot" in bundle["text/plain"] and "theta + striped x1.00" in bundle["text/plain"]
+    img = w.snapshot_image().convert("RGB")
+    assert img.width >= 2 * 2 * widgets.MIN_TILE and img.height >= 2 * widgets.MIN_TILE
+    # the drawn checkboxes follow the controls: the first ticked (filled), the second not (white inside)
+    assert img.getpixel((10, 34 + 4)) != (255, 255, 255) and img.getpixel((10, 34 + 24 + 4)) == (255, 255, 255)
