@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from . import config
+from .classifier import load_classifier
 from .model import load_model
 
 CHECKS: dict[str, tuple[str, Callable]] = {}
@@ -133,6 +134,13 @@ def _model():
     if "model" not in _CACHE:
         _CACHE["model"] = load_model("tiny", device="cpu")
     return _CACHE["model"]
+
+
+def _judge():
+    """The bundled classifier, loaded once for every check that needs it."""
+    if "judge" not in _CACHE:
+        _CACHE["judge"] = load_classifier(model=_model(), device="cpu")
+    return _CACHE["judge"]
 
 
 def _rand(*shape, seed: int = 0, dtype=torch.float32) -> torch.Tensor:

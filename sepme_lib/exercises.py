@@ -32,17 +32,11 @@ from . import deltas as _deltas, evaluate as _evaluate, paper as _paper, percept
 from . import closed_form as _closed_form, finetune as _finetune, methods as _methods  # 06
 from . import separability as _separability, world as _world  # 00, 08
 
-from .exercise_kit import (CHECKS, RESULTS, ExerciseFailed, _CACHE, _model, _rand, check, exercise, expect,  # noqa: F401
+from .exercise_kit import (CHECKS, RESULTS, ExerciseFailed, _CACHE, _judge, _model, _rand, check, exercise, expect,  # noqa: F401
                            expect_close, ids, notebook_exercises, solution_blocks)
 
 
 # ------------------------------------------------------------------------------------------ notebook 00
-def _judge():
-    if "judge" not in _CACHE:
-        _CACHE["judge"] = _separability.load_classifier(model=_model(), device="cpu")
-    return _CACHE["judge"]
-
-
 @exercise("00.1", "ACC on every head from the judge's predictions")
 def _check_00_1(head_accuracy):
     model, judge, cs = _model(), _judge(), _evaluate.concept_set(_model())
