@@ -13,6 +13,7 @@ LAB_ARGS ?=
 NB ?=
 CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
+SAMPLE_CACHE ?= build/sample-cache
 
 .PHONY: browser-deps test test-unit test-notebooks test-sd test-browser check-notebooks notebooks course lab bench venv clean-venv
 
@@ -40,16 +41,21 @@ $(VENV)/.browser: $(VENV)/.lab
 # when it ends), then the browser test
 test: browser-deps $(VENV)/.browser
 	SEPME_THREADS=1 OMP_NUM_THREADS=1 $(MAKE) -j3 --output-sync=target test-unit test-notebooks test-sd
-	$(MAKE) test-browser
+	SEPME_SAMPLE_CACHE=$(abspath $(SAMPLE_CACHE)) $(MAKE) test-browser
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests/
 
 # nbval re-executes every notebook and compares the marked cells with the committed outputs (one torch thread, as
 # `make notebooks` executes them)
+# `model.sample` keeps each call's images in $(SAMPLE_CACHE) (emptied first), so the original-model tables that the
+# notebooks draw again and again are sampled once per run (config.sample_cache_dir: a call is reused only when the
+# weights, prompts, seeds and settings are identical; the browser test after it reuses notebook 05's)
 test-notebooks: $(VENV)/.installed
 	$(PY) -m sepme_lib.course check
-	PROFILE=ci MODEL=tiny SEPME_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/
+	rm -rf $(SAMPLE_CACHE)
+	PROFILE=ci MODEL=tiny SEPME_THREADS=1 OMP_NUM_THREADS=1 SEPME_SAMPLE_CACHE=$(abspath $(SAMPLE_CACHE)) \
+	  $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/
 
 # every notebook on a random-weight SD 1.x folder (built in a temporary directory), ci profile, CPU
 test-sd: $(VENV)/.installed

@@ -173,4 +173,32 @@ def sample_batch(family: str) -> int:
     return SAMPLE_BATCH.get(family, 8)
 
 
+def sample_cache_dir() -> Path | None:
+    """``$SEPME_SAMPLE_CACHE``: a folder where ``T2IModel.sample`` keeps the images of each call, keyed by everything
+    the images depend on (every weight of the model and of ``weights``, prompts or embeddings, seeds, steps, guidance,
+    batch size, scheduler, threads, device, versions), so that an identical call later returns the same tensor without
+    sampling again. Off unless set: ``make test`` sets it for nbval, where the notebooks draw the same original-model
+    tables again and again (a call is cached whole: images of one seed drawn in another batch differ in the last bits,
+    so nothing smaller is reused)."""
+    raw = os.environ.get("SEPME_SAMPLE_CACHE", "").strip()
+    return Path(raw) if raw else None
+
+
+def cache_load(key: str | None):
+    folder = sample_cache_dir()
+    if key is None or folder is None or not (folder / f"{key}.pt").exists():
+        return None
+    return torch.load(folder / f"{key}.pt", weights_only=True)
+
+
+def cache_store(key: str | None, value: torch.Tensor) -> None:
+    folder = sample_cache_dir()
+    if key is None or folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{key}.{os.getpid()}.tmp"
+    torch.save(value, tmp)
+    os.replace(tmp, folder / f"{key}.pt")  # atomic: parallel test processes may share the folder
+
+
 set_threads()  # honour SEPME_THREADS on import

@@ -224,6 +224,10 @@ class T2IModel:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         if embeddings is not None and not torch.isfinite(embeddings).all():
             raise ValueError("the embeddings contain NaN or inf values")
+        key = None if callback is not None else self._sample_key(prompts, seeds, steps, g, batch_size, weights, embeddings)
+        hit = config.cache_load(key)
+        if hit is not None:
+            return hit
         sched = DDIMScheduler.from_config(self.scheduler.config)
         sched.set_timesteps(steps)
         out = []
@@ -250,7 +254,25 @@ class T2IModel:
                 raise FloatingPointError("sampling produced NaN/inf latents: the weights (or a delta or scale applied "
                                          "to them) are not finite; check the deltas with Delta.check_finite()")
             out.append(((self.from_latent(z) + 1) / 2).clamp(0, 1).cpu())
-        return torch.cat(out)
+        out = torch.cat(out)
+        config.cache_store(key, out)
+        return out
+
+    def _sample_key(self, prompts, seeds, steps, g, batch_size, weights, embeddings) -> str | None:
+        """What the images of one ``sample`` call depend on, hashed (``config.sample_cache_dir``; None when off)."""
+        if config.sample_cache_dir() is None:
+            return None
+        h = hashlib.sha256(repr((config.VERSION, torch.__version__, torch.get_num_threads(), str(self.device), prompts,
+                                 [int(k) for k in seeds], int(steps), float(g), batch_size,
+                                 dict(self.scheduler.config))).encode())
+        parts = [self.unet.named_parameters(), self.text_encoder.named_parameters()]
+        parts += [self.vae.named_parameters()] if self.vae is not None else []
+        parts += [sorted((weights or {}).items())] + ([[("embeddings", embeddings)]] if embeddings is not None else [])
+        for named in parts:
+            for n, t in named:
+                h.update(n.encode())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     # --------------------------------------------------------------------------- cross-attention
     def cross_attention_layers(self) -> dict:

@@ -126,3 +126,27 @@ def test_fp16_frozen_sd_trains_fp32_increments(tmp_path):
     assert all(v.dtype == torch.float16 for v in w.values())
     z, t, e = torch.randn(1, *m.latent_shape), torch.tensor([500]), m.embed(["a photo of a dog"])
     assert not torch.equal(m.eps(z, t, e), m.eps(z, t, e, w))
+
+
+def test_sample_cache_returns_the_same_images_and_keys_every_input(tiny, tmp_path, monkeypatch):
+    """``$SEPME_SAMPLE_CACHE`` (set by ``make test`` for nbval): an identical call is served from the folder with the
+    very tensor it computed; another seed, step count or edited weight is another entry; unset, nothing is written."""
+    prompts = ["a red circle in striped style", "a blue square"]
+    monkeypatch.delenv("SEPME_SAMPLE_CACHE", raising=False)
+    plain = tiny.sample(prompts, seeds=[0, 1], steps=3)
+    assert tiny._sample_key(prompts, [0, 1], 3, 2.0, 64, None, None) is None
+    monkeypatch.setenv("SEPME_SAMPLE_CACHE", str(tmp_path / "c"))
+    first = tiny.sample(prompts, seeds=[0, 1], steps=3)
+    assert torch.equal(first, plain) and len(list((tmp_path / "c").glob("*.pt"))) == 1
+    again = tiny.sample(prompts, seeds=[0, 1], steps=3)
+    assert torch.equal(again, plain)
+    assert len(list((tmp_path / "c").glob("*.pt"))) == 1  # served from the folder
+    tiny.sample(prompts, seeds=[0, 2], steps=3)
+    tiny.sample(prompts, seeds=[0, 1], steps=4)
+    name = tiny.kv_weight_names()[0]
+    w = dict(tiny.unet.named_parameters())[name].detach() * 1.5
+    edited = tiny.sample(prompts, seeds=[0, 1], steps=3, weights={name: w})
+    assert len(list((tmp_path / "c").glob("*.pt"))) == 4 and not torch.equal(edited, plain)
+    with tiny.edited({name: w}):  # weights written into the UNet in place are part of the key as well
+        assert torch.equal(tiny.sample(prompts, seeds=[0, 1], steps=3), edited)
+    assert len(list((tmp_path / "c").glob("*.pt"))) == 5
