@@ -33,6 +33,7 @@ from .checkpoint import Checkpoint
 from .classifier import load_classifier
 from .concepts import CONCEPT_SETS
 from .config import BadType, BadValue, SepmeError
+from .config import SepmeError
 from .deltas import Delta, edited_weights, same_tensors
 from .evaluate import acc_table
 from .lora import WEIGHTS, adapter_name, model_card, write
@@ -195,8 +196,11 @@ def _judge(args, model):
 def _deltas(args, model) -> tuple[list, list]:
     deltas, scales = [], []
     for path, scale in args.loras:
-        d = Delta.from_lora(path, device=model.device, base=model.fingerprint())
-        d.check_base(model)
+        try:
+            d = Delta.from_lora(path, device=model.device, base=model.fingerprint())
+            d.check_base(model)
+        except SepmeError as e:
+            raise InputError(f"--lora {path}: {e}") from None
         deltas.append(d)
         scales.append(scale)
     names = [d.name for d in deltas]

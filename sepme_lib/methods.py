@@ -117,6 +117,8 @@ def settings(method: str, model, **overrides) -> dict:
         if isinstance(d, (int, float)) and not isinstance(d, bool) and (
                 isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise MethodError(f"{method}: {k} must be a finite number (default {d!r}), got {v!r}")
+        if isinstance(d, int) and not isinstance(d, bool) and not isinstance(v, int):
+            raise MethodError(f"{method}: {k} must be a whole number (default {d!r}), got {v!r}")
         if isinstance(d, str) and not isinstance(v, str):
             raise MethodError(f"{method}: {k} must be a string (default {d!r}), got {v!r}")
     base.update(overrides)

@@ -217,6 +217,9 @@ class T2IModel:
                            "with embeddings")
         if not prompts:
             raise BadValue("no prompts to sample: pass a string or a non-empty list of prompts")
+        side = self.latent_shape[-1] * (self.patch if self.vae is None else 8)
+        config.check_memory(f"sampling {len(prompts)} images of {side} x {side}", len(prompts) * 12.0 * side * side,
+                            "sample fewer prompts/seeds per call")
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise BadValue(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -236,9 +239,6 @@ class T2IModel:
             raise BadValue(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         if embeddings is not None and not torch.isfinite(embeddings).all():
             raise BadValue("the embeddings contain NaN or inf values")
-        side = self.latent_shape[-1] * (self.patch if self.vae is None else 8)
-        config.check_memory(f"sampling {len(prompts)} images of {side} x {side}", len(prompts) * 12.0 * side * side,
-                            "sample fewer prompts/seeds per call")
         sched = DDIMScheduler.from_config(self.scheduler.config)
         sched.set_timesteps(steps)
         out = []
