@@ -223,6 +223,10 @@ def make_concepts(model, names, n_ref: int = 64, seed: int = 0, n_prompts: int =
 
 def as_concepts(model, concepts, n_ref: int = 64) -> list[Concept]:
     """``concepts`` (Concept objects and/or names of the model's concept set) as a list of :class:`Concept`."""
+    if not isinstance(concepts, (str, Concept)) and (isinstance(concepts, (bytes, dict)) or
+                                                     not hasattr(concepts, "__iter__")):
+        raise ConceptError(f"concepts must be concept names or Concept objects (or a list of them), got "
+                           f"{type(concepts).__name__} {concepts!r:.40}")
     concepts = [concepts] if isinstance(concepts, (str, Concept)) else list(concepts)
     if not concepts:
         raise ConceptError("no concepts given; pass make_concepts(model, [...]) or concept names")

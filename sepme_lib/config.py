@@ -45,6 +45,10 @@ class UnknownName(BadValue, KeyError):
     __str__ = Exception.__str__
 
 
+class NotFound(SepmeError, FileNotFoundError):
+    """A file or folder the call needs does not exist (also a ``FileNotFoundError``)."""
+
+
 class TooLarge(BadValue):
     """A requested size would not fit in this machine's memory (the message gives the estimate and the fix)."""
 

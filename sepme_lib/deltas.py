@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import config
-from .config import BadType, BadValue, SepmeError, UnknownName
+from .config import BadType, BadValue, NotFound, SepmeError, UnknownName
 from .storage import atomic_file
 
 FORMAT = "sepme-delta/1"
@@ -109,12 +109,25 @@ class Delta:
                                  f"'{self.name}.safetensors'")
         if not isinstance(path, (str, os.PathLike)):
             raise BadType(f"Delta.save: path must be a file name (str or Path), got {type(path).__name__}")
+        if "\x00" in str(path):
+            raise DeltaFileError(f"cannot save delta {self.name!r} to {str(path)!r}: a path cannot hold a NUL character")
+        raw = os.fspath(path)
         path = Path(path)
-        if path.name in ("", ".", ".."):
+        if path.name in ("", ".", "..") or raw.rstrip().endswith(("/", os.sep, "/.", "/..")):
             raise DeltaFileError(f"cannot save delta {self.name!r} to {str(path)!r}: not a file name; give a file "
                                  f"name such as '{self.name}.safetensors'")
-        if path.suffix != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
+        try:
+            if path.suffix != ".safetensors" and path.is_dir():
+                raise DeltaFileError(f"cannot save delta {self.name!r} to {path}: it is a folder; give a file name "
+                                     f"inside it, e.g. {path / (self.name + '.safetensors')}")
+            if path.suffix != ".safetensors":
+                path = path.with_name(path.name + ".safetensors")
+            return self._save(path, overwrite)
+        except OSError as e:
+            raise DeltaFileError(f"cannot save delta {self.name!r} to {path}: {e.strerror or e}; give a writable "
+                                 "path with a shorter name") from None
+
+    def _save(self, path: Path, overwrite: bool) -> Path:
         if path.is_dir():
             raise DeltaFileError(f"cannot save delta {self.name!r} to {path}: it is a folder; give a file name "
                                  "ending in .safetensors")
@@ -150,11 +163,15 @@ class Delta:
     @classmethod
     def load(cls, path, device="cpu") -> "Delta":
         """Read a file written by :meth:`save`; every failure names the file and what is wrong with it."""
-        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip() or "\x00" in str(path):
             raise DeltaFileError(f"Delta.load: path must name a .safetensors file, got {path!r}")
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no delta file at {path}")
+        try:
+            exists = path.exists()
+        except OSError as e:
+            raise DeltaFileError(f"Delta.load: cannot read {path} ({e.strerror or e})") from None
+        if not exists:
+            raise NotFound(f"no delta file at {path}; check the path (Delta.save wrote it with .safetensors appended)")
         try:
             dev = config.get_device(str(device))
         except (ValueError, RuntimeError, TypeError) as e:
@@ -262,6 +279,10 @@ def combine(deltas, scales=None) -> dict:
             continue
         for k, v in d.tensors.items():
             out[k] = out[k] + s * v if k in out else s * v
+    for k, v in out.items():
+        if not torch.isfinite(v).all():
+            raise BadValue(f"scales {scales} make the combination overflow (tensor {k!r} is not finite in "
+                           f"{v.dtype}); use scales of moderate size (|s| <= 10 covers every use in the course)")
     return out
 
 

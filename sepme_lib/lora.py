@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from . import config
 from .card import model_card
 from .concepts import ConceptError, concept_set
-from .config import BadType, BadValue, SepmeError
+from .config import BadType, BadValue, NotFound, SepmeError
 from .deltas import Delta, DeltaFileError
 from .storage import atomic_folder
 
@@ -281,10 +281,19 @@ def check_folder(folder, name: str, overwrite: bool = False) -> Path:
     ``name`` (any earlier export with ``overwrite=True``): writing there would replace the user's files."""
     if not isinstance(folder, (str, os.PathLike)):
         raise BadType(f"save_lora: folder must be a path (str or Path), got {type(folder).__name__}")
-    if not str(folder).strip() or Path(folder).name in ("", ".", ".."):
+    if not str(folder).strip() or Path(folder).name in ("", ".", "..") or "\x00" in str(folder):
         raise LoraError(f"save_lora: folder {str(folder)!r} is not a new folder's name; give one, e.g. "
                         f"'out/{adapter_name(name)}' (the export would otherwise land in an existing folder)")
     folder = Path(folder)
+    try:
+        _check_replace(folder, name, overwrite)
+    except OSError as e:
+        raise LoraError(f"cannot write the LoRA folder {folder}: {e.strerror or e}; give a writable folder path with "
+                        "a shorter name") from None
+    return folder
+
+
+def _check_replace(folder: Path, name: str, overwrite: bool) -> None:
     for p in (folder, *folder.parents):
         if p.exists() and not p.is_dir():
             raise LoraError(f"cannot write the LoRA folder {folder}: {p} is a file; give a folder path")
@@ -296,7 +305,6 @@ def check_folder(folder, name: str, overwrite: bool = False) -> Path:
         if held != name and not overwrite:
             raise LoraError(f"cannot write the LoRA folder {folder}: it holds the export of delta {held!r}; give "
                             "another folder, or pass overwrite=True to replace it")
-    return folder
 
 
 def write(exp: LoraExport, folder, card: str, overwrite: bool = False) -> Path:
@@ -317,10 +325,16 @@ def write(exp: LoraExport, folder, card: str, overwrite: bool = False) -> Path:
 def read(folder, device="cpu") -> tuple[dict, dict, dict]:
     """``(tensors, sepme_meta, lora_config)`` of a LoRA folder: ``tensors[param] = scale * B @ A`` (and biases), with
     ``scale = alpha / r`` per layer from the file's config (1 when it has none, the diffusers convention)."""
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder).strip() or "\x00" in str(folder):
+        raise LoraError(f"from_lora: folder must name a LoRA folder, got {folder!r}")
     folder = Path(folder)
-    path = folder / WEIGHTS if folder.is_dir() else folder
-    if not folder.exists():
-        raise FileNotFoundError(f"no LoRA folder at {folder}")
+    try:
+        path = folder / WEIGHTS if folder.is_dir() else folder
+        exists = folder.exists()
+    except OSError as e:
+        raise LoraError(f"from_lora: cannot read {folder} ({e.strerror or e})") from None
+    if not exists:
+        raise NotFound(f"no LoRA folder at {folder}; give the folder Delta.save_lora or `sepme erase` wrote")
     if not path.exists():
         raise LoraError(f"{folder} has no {WEIGHTS}; a LoRA folder is written by Delta.save_lora or `sepme erase`")
     try:

@@ -220,6 +220,8 @@ class T2IModel:
         side = self.latent_shape[-1] * (self.patch if self.vae is None else 8)
         config.check_memory(f"sampling {len(prompts)} images of {side} x {side}", len(prompts) * 12.0 * side * side,
                             "sample fewer prompts/seeds per call")
+        if seeds is not None and (isinstance(seeds, (str, bytes, dict)) or not hasattr(seeds, "__iter__")):
+            raise BadType(f"seeds must be a list of whole numbers (one per prompt), got {type(seeds).__name__}")
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
             raise BadValue(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
