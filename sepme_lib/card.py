@@ -17,7 +17,7 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.2g}" if isinstance(v, float) else str(v))
 
 
-def model_card(exp: LoraExport, acc: dict | None = None, base_model: str | None = None) -> str:
+def model_card(exp, acc: dict | None = None, base_model: str | None = None) -> str:
     """The folder's ``README.md`` in the style of a diffusers/Hub LoRA card: what was erased and how, what is
     protected, the leakage certificate, the ACC table of the run (``acc``: ``{"columns": [...], "rows": [...]}`` or
     ``{row name: {concept: ACC}}``), and how to load and combine the adapter."""

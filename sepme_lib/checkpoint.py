@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .config import BadType, BadValue, SepmeError
+from .config import SepmeError
 
 
 class Interrupted(SepmeError, RuntimeError):

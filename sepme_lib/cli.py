@@ -32,7 +32,6 @@ from .adapters import AdapterUNet
 from .checkpoint import Checkpoint
 from .classifier import load_classifier
 from .concepts import CONCEPT_SETS
-from .config import BadType, BadValue, SepmeError
 from .config import SepmeError
 from .deltas import Delta, edited_weights, same_tensors
 from .evaluate import acc_table
@@ -172,6 +171,11 @@ def check_common(args) -> None:
         raise InputError(f"--dtype {args.dtype}: the bundled tiny model runs in float32; drop --dtype")
     if getattr(args, "judge", None) and not Path(args.judge).exists():
         raise InputError(f"--judge {args.judge}: no such file or folder")
+    if getattr(args, "judge", None) and args.family == "tiny":  # a delta or a truncated file: refused before loading
+        try:
+            load_classifier(path=args.judge, device=torch.device("cpu"))
+        except SepmeError as e:
+            raise InputError(f"--judge {args.judge}: {e}") from None
     if getattr(args, "seed", None) is not None and not 0 <= args.seed <= MAX_SEED:
         raise InputError(f"--seed {args.seed}: the first seed must be a whole number in 0..2**63 - 1")
     if getattr(args, "guidance", None) is not None and (not math.isfinite(args.guidance) or abs(args.guidance) > 1e3):

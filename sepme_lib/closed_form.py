@@ -29,7 +29,7 @@ import torch
 
 from . import config
 from .concepts import anchors_for, check_clashes, general_prompts, preserve_prompts, prompt_list
-from .config import BadType, BadValue, SepmeError
+from .config import SepmeError
 from .deltas import Delta
 
 COND_WARN = 1e9  # closed_form_edit warns above this condition number of (lam I + sum k k^T): in float64 the
@@ -199,13 +199,22 @@ def _values(K: torch.Tensor, W: dict) -> dict:
     return {k: K.double().cpu() @ w.double().T.cpu() for k, w in W.items()}
 
 
+def _default_preserve(model, concepts) -> list:
+    """The concept set's preserve prompts for ``concepts``; a clear hint for concepts outside the set."""
+    try:
+        return preserve_prompts(model, [c.name for c in concepts])
+    except ValueError as e:
+        raise ClosedFormError(f"no default preserve set ({e}): a custom Concept needs the prompts to keep, e.g. "
+                              "preserve=['a red star', 'a painting'] (or preserve=[] to keep only c_0)") from None
+
+
 def prompt_sets(model, concepts, anchor, preserve):
     """UCE/RECE's three prompt sets: erase (every prompt of every concept), guide (their anchors), preserve
     (default: the other concepts of the model's concept set). A prompt both erased and preserved is refused."""
     prompts = [p for c in concepts for p in c.prompts]
     guides = [g for c in concepts for g in anchors_for(model, c, anchor)]
     if preserve is None:
-        keep = preserve_prompts(model, [c.name for c in concepts])
+        keep = _default_preserve(model, concepts)
     else:
         keep = prompt_list(preserve, "preserve")
     check_clashes(model, concepts, keep, "preserve=", "preserved")
@@ -360,7 +369,7 @@ def mace(model, concepts, s: dict, mapped=None, preserve=None, general=None) -> 
         config.check_memory(f"mace: n_general={s['n_general']} general prompts", 24.0 * s["n_general"] *
                             model.max_length * d_in, "lower n_general (64 by default), or pass general= prompts")
     general = general_prompts(model, names, s["n_general"]) if general is None else prompt_list(general, "general")
-    domain = preserve_prompts(model, names) if preserve is None else prompt_list(preserve, "preserve")
+    domain = _default_preserve(model, concepts) if preserve is None else prompt_list(preserve, "preserve")
     check_clashes(model, concepts, domain, "preserve=", "preserved")
     check_clashes(model, concepts, general, "general=", "preserved")
     Kp_g, Kp_d = _rows(model, general, "all"), _rows(model, domain, "all")

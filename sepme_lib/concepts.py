@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import world
-from .config import BadType, BadValue, SepmeError
+from .config import SepmeError
 
 
 class ConceptError(SepmeError, ValueError):

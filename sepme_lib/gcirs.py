@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .concepts import draw_batch
-from .config import BadType, BadValue, SepmeError
+from .config import BadValue, SepmeError
 from .deltas import Delta
 
 L1_FORMS = ("delta", "w", "w_mean")

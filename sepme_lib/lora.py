@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from . import config
 from .card import model_card
 from .concepts import ConceptError, concept_set
-from .config import BadType, BadValue, NotFound, SepmeError
+from .config import BadType, NotFound, SepmeError
 from .deltas import Delta, DeltaFileError
 from .storage import atomic_folder
 

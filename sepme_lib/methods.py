@@ -13,7 +13,7 @@ import math
 
 from . import closed_form, finetune, gcirs, sepme, speed
 from .concepts import as_concepts
-from .config import BadType, BadValue, SepmeError
+from .config import SepmeError
 from .deltas import Delta
 
 _SEPME_SD = gcirs.Settings().as_dict()  # the paper's values: lr 1e-2, beta 1e-4, lam 3e-5, tau 0, alpha 0.9, cap 1000

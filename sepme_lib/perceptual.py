@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import BadType, BadValue, SepmeError
+from .config import SepmeError
 
 SSIM_WINDOW = 7
 SSIM_SIGMA = 1.5

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .concepts import anchors_for, prior_captions
-from .config import BadType, BadValue, SepmeError
+from .config import SepmeError
 from .deltas import Delta
 
 KEYS = ("last", "tail", "all")

@@ -325,3 +325,26 @@ def test_every_library_error_is_a_sepme_error():
     assert all(issubclass(c, sm.SepmeError) for c in classes)
     assert issubclass(BadValue, ValueError) and issubclass(BadType, TypeError)
     assert issubclass(config.UnknownName, KeyError) and str(config.UnknownName("x y")) == "x y"
+
+
+def test_judges_widgets_and_custom_concepts(tiny, clf, delta, tmp_path, capsys):
+    from sepme_lib import widgets
+
+    f = delta.save(tmp_path / "striped.safetensors")
+    with pytest.raises(BadValue, match="a sepme delta file, not a judge"):
+        sm.load_classifier(path=f)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(config.CLASSIFIER_PATH.read_bytes()[:1000])
+    with pytest.raises(BadValue, match="may be truncated"):
+        sm.load_classifier(path=cut)
+    assert cli.main(["evaluate", "--model", "tiny", "--judge", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert f"--judge {f}" in capsys.readouterr().err
+    with pytest.raises(BadValue, match="lo < hi"):
+        widgets.CombinationWidget(tiny, clf, [delta], scale_range=(2, -1))
+    with pytest.raises(BadValue, match="repeats must be a whole number"):
+        widgets.benchmark_refresh(tiny, clf, [delta], repeats="3")
+    c = sm.make_concepts(tiny, ["striped"], n_ref=2)[0]
+    mine = sm.Concept("mine", ["a red star in wavy style"], c.latents)
+    with pytest.raises(closed_form.ClosedFormError, match="custom Concept needs .*preserve="):
+        sm.erase(tiny, [mine], method="uce", anchor="a red star")
+    assert sm.erase(tiny, [mine], method="uce", anchor="a red star", preserve=["a blue circle"])[0].tensors
