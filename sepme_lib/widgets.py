@@ -411,7 +411,7 @@ def benchmark_refresh(model, clf, deltas, n: int = 4, steps: int | None = WIDGET
     timings depend on the machine and on what else runs on it.
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise BadValue(f"benchmark_refresh: repeats must be a whole number >= 1, got {repeats!r}")
+        raise BadValue(f"repeats must be >= 1 (a whole number of refreshes to time), got {repeats!r}")
     w = widget or CombinationWidget(model, clf, deltas, prompts=[prompt] if prompt else None, n=n, steps=steps)
     if w.last is None:
         w.update()

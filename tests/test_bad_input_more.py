@@ -341,7 +341,7 @@ def test_judges_widgets_and_custom_concepts(tiny, clf, delta, tmp_path, capsys):
     assert f"--judge {f}" in capsys.readouterr().err
     with pytest.raises(BadValue, match="lo < hi"):
         widgets.CombinationWidget(tiny, clf, [delta], scale_range=(2, -1))
-    with pytest.raises(BadValue, match="repeats must be a whole number"):
+    with pytest.raises(BadValue, match="repeats must be >= 1"):
         widgets.benchmark_refresh(tiny, clf, [delta], repeats="3")
     c = sm.make_concepts(tiny, ["striped"], n_ref=2)[0]
     mine = sm.Concept("mine", ["a red star in wavy style"], c.latents)
