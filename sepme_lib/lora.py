@@ -217,6 +217,7 @@ def to_lora(delta: Delta, rank: int | None = None, rtol: float | None = None, mo
     on the delta's protected prompts (``info["protected"]``, else ``c_0``) and, when truncated, the output change on
     the delta's own prompts."""
     _check_truncation(rank, rtol)
+    delta.check_finite()  # an SVD of NaN fails obscurely ("svd failed to converge")
     adapter = adapter_name(adapter or delta.name)
     sd, ranks, full, errors, recon = {}, {}, {}, {}, {}
     mods = _modules(delta.tensors)

@@ -140,13 +140,17 @@ def test_save_and_load(pair, path, bad_tensor):
 
 
 @FAST
-@given(folder=names, rank=st.one_of(st.none(), junk))
-def test_save_lora_and_from_lora(pair, folder, rank):
+@given(folder=names, rank=st.one_of(st.none(), junk), bad_tensor=st.booleans())
+def test_save_lora_and_from_lora(pair, folder, rank, bad_tensor):
     d = pair[0]
+    if bad_tensor:
+        d = Delta("bad", d.method, {k: v * NAN for k, v in d.tensors.items()}, d.base)
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / folder if isinstance(folder, str) and folder.strip() else folder
-        out = check(lambda: d.save_lora(target, rank=rank, verbose=False), _names("folder", "rank", "lora", "path"))
+        out = check(lambda: d.save_lora(target, rank=rank, verbose=False),
+                    _names("folder", "rank", "lora", "path", "NaN"))
         if out is not None:
+            assert not bad_tensor
             back = Delta.from_lora(out)
             assert back.name == d.name and _finite(back.tensors)
             if rank is None:
