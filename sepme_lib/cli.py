@@ -162,13 +162,17 @@ def check_common(args) -> None:
         args.dev = config.get_device(args.device) if args.device else config.get_device()
         args.family = check_model(args.model)
         env = config.default_dtype(args.model, args.dev) if os.environ.get("SEPME_DTYPE", "").strip() else None
-        if args.dtype is None and env is not None:
-            args.dtype = env
+        flag = "--dtype" if args.dtype is not None or env is None else "SEPME_DTYPE"  # the flag wins over $SEPME_DTYPE
+        args.dtype = args.dtype if args.dtype is not None else env
         args.dt = resolve_dtype(args.dtype, args.dev)
     except (ValueError, RuntimeError) as e:
-        raise InputError(str(e)) from None
+        msg = str(e)
+        if "dtype" in msg.lower() and not msg.startswith("SEPME_DTYPE"):
+            msg = f"{flag} {args.dtype}: {msg}"
+        raise InputError(msg) from None
     if args.family == "tiny" and args.dt is not None:
-        raise InputError(f"--dtype {args.dtype}: the bundled tiny model runs in float32; drop --dtype")
+        raise InputError(f"{flag} {args.dtype}: the bundled tiny model runs in float32; "
+                         + ("drop --dtype" if flag == "--dtype" else "unset SEPME_DTYPE (or set it to fp32)"))
     if getattr(args, "judge", None) and not Path(args.judge).exists():
         raise InputError(f"--judge {args.judge}: no such file or folder")
     if getattr(args, "judge", None) and args.family == "tiny":  # a delta or a truncated file: refused before loading
