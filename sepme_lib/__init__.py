@@ -22,7 +22,7 @@ Modules, in one-way layers (each imports only modules above it in this list; ``t
 from .classifier import load_classifier
 from .concepts import Concept, concept_set, make_concepts
 from .config import VERSION as __version__
-from .config import get_device
+from .config import SepmeError, get_device
 from .deltas import Delta, applied, combine
 from .evaluate import acc_table, generate
 from .lora import LoraExport  # attaches Delta.to_lora / save_lora / from_lora
@@ -32,4 +32,4 @@ from .nullspace import leakage, null_space
 
 __all__ = ["load_model", "load_classifier", "erase", "METHODS", "Delta", "combine", "applied", "leakage",
            "null_space", "generate", "acc_table", "LoraExport", "Concept", "make_concepts", "concept_set",
-           "get_device", "__version__"]
+           "get_device", "SepmeError", "__version__"]

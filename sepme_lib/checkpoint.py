@@ -24,13 +24,15 @@ from pathlib import Path
 
 import torch
 
+from .config import SepmeError
 
-class Interrupted(RuntimeError):
+
+class Interrupted(SepmeError, RuntimeError):
     """Raised by :meth:`Stage.save` after saving step ``stop_after`` (tests and the CLI's ``--stop-after-step``
     simulate a killed run this way)."""
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(SepmeError, ValueError):
     """A checkpoint file belongs to another run (other concepts, method or settings)."""
 
 

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
 from . import config, world
+from .config import BadValue
 from .concepts import CONCEPT_SETS
 
 HEADS = {"style": world.STYLES, "shape": world.SHAPES, "colour": world.COLOUR_NAMES}
@@ -136,8 +138,22 @@ def load_classifier(path=None, device=None, model=None):
     if not path.exists():
         raise FileNotFoundError(f"classifier weights not found at {path}; recreate them with "
                                 "`python -m sepme_lib.train_classifier` (or restore data/ from git).")
+    if path.is_dir():
+        raise BadValue(f"judge {path} is a folder; the bundled judge is one .safetensors file (a CLIP folder is for "
+                       "Stable Diffusion models)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BadValue(f"judge {path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be "
+                       "truncated. Restore data/classifier from git or retrain with "
+                       "`python -m sepme_lib.train_classifier`") from None
     clf = ConceptClassifier()
-    clf.load_state_dict(load_file(str(path)))
+    try:
+        clf.load_state_dict(state)
+    except RuntimeError as e:
+        kind = " (a sepme delta file, not a judge)" if any("attn2" in k for k in state) else ""
+        raise BadValue(f"judge {path} does not hold the bundled judge's weights{kind}: {str(e).splitlines()[0]}; "
+                       "pass the classifier file (data/classifier/classifier.safetensors) or leave it out") from None
     return clf.to(device or config.get_device()).eval()
 
 

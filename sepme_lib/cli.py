@@ -17,6 +17,7 @@ import argparse
 import ast
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -31,21 +32,27 @@ from .adapters import AdapterUNet
 from .checkpoint import Checkpoint
 from .classifier import load_classifier
 from .concepts import CONCEPT_SETS
-from .deltas import Delta, edited_weights
+from .config import SepmeError
+from .deltas import Delta, edited_weights, same_tensors
 from .evaluate import acc_table
 from .lora import WEIGHTS, adapter_name, model_card, write
 from .model import load_model, resolve_dtype
+from .storage import FolderLock
 from .scaleout import TABLES, evaluation_table, peak_memory, shard_from_environment, table_markdown
 
 
-class InputError(ValueError):
+class InputError(SepmeError, ValueError):
     """Bad command-line input, found before the model is loaded."""
 
 
 # ------------------------------------------------------------------------------------------ parsing helpers
+MAX_SEEDS = 10_000  # seeds per command: 10k images of a prompt are already hours of sampling on Stable Diffusion
+MAX_SEED = 2**63 - 1  # torch's generator seeds are 64-bit
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0-49"`` (inclusive), ``"0,3,7"``, ``"5"`` or a mix (``"0-3,10"``) -> seeds; refuses ``"5-2"`` and
-    negatives."""
+    """``"0-49"`` (inclusive), ``"0,3,7"``, ``"5"`` or a mix (``"0-3,10"``) -> seeds; refuses ``"5-2"``, negatives,
+    seeds above 2**63 - 1 and more than :data:`MAX_SEEDS` seeds (checked before the range is expanded)."""
     seeds = []
     for part in str(text).replace(" ", "").split(","):
         try:
@@ -54,6 +61,9 @@ def parse_seeds(text: str) -> list[int]:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise InputError(f"--seeds {text!r}: the range {part!r} runs backwards; write {hi}-{lo}")
+                if hi - lo + 1 + len(seeds) > MAX_SEEDS:
+                    raise InputError(f"--seeds {text!r}: {hi - lo + 1} seeds in {part!r}, more than {MAX_SEEDS} per "
+                                     "command; split the range over several runs")
                 seeds += range(lo, hi + 1)
             else:
                 seeds.append(int(part))
@@ -63,6 +73,10 @@ def parse_seeds(text: str) -> list[int]:
             raise InputError(f"--seeds {text!r}: {part!r} is not a seed; use e.g. 0-49 or 0,3,7") from None
     if any(s < 0 for s in seeds):
         raise InputError(f"--seeds {text!r}: seeds must be >= 0")
+    if any(s > MAX_SEED for s in seeds):
+        raise InputError(f"--seeds {text!r}: seeds must be at most 2**63 - 1 = {MAX_SEED}")
+    if len(seeds) > MAX_SEEDS:
+        raise InputError(f"--seeds {text!r}: {len(seeds)} seeds, more than {MAX_SEEDS} per command; split them")
     if len(set(seeds)) != len(seeds):
         raise InputError(f"--seeds {text!r}: a seed repeats")
     return seeds
@@ -132,6 +146,8 @@ def check_out(path: Path) -> Path:
 def check_model(name: str) -> str:
     """``"tiny"`` or an SD 1.x folder/hub id: a path that exists must be a diffusers pipeline folder."""
     p = Path(name).expanduser()
+    if name != "tiny" and name.strip().lower() == "tiny":
+        raise InputError(f"--model {name}: the bundled model is spelled 'tiny' (lower case)")
     if name != "tiny" and p.exists() and not (p / "model_index.json").exists():
         raise InputError(f"--model {name}: not a diffusers pipeline folder (no model_index.json); give 'tiny', a "
                          "Stable Diffusion 1.x folder or a hub id")
@@ -145,13 +161,31 @@ def check_common(args) -> None:
     try:
         args.dev = config.get_device(args.device) if args.device else config.get_device()
         args.family = check_model(args.model)
+        env = config.default_dtype(args.model, args.dev) if os.environ.get("SEPME_DTYPE", "").strip() else None
+        flag = "--dtype" if args.dtype is not None or env is None else "SEPME_DTYPE"  # the flag wins over $SEPME_DTYPE
+        args.dtype = args.dtype if args.dtype is not None else env
         args.dt = resolve_dtype(args.dtype, args.dev)
     except (ValueError, RuntimeError) as e:
-        raise InputError(str(e)) from None
+        msg = str(e)
+        if "dtype" in msg.lower() and not msg.startswith("SEPME_DTYPE"):
+            msg = f"{flag} {args.dtype}: {msg}"
+        raise InputError(msg) from None
     if args.family == "tiny" and args.dt is not None:
-        raise InputError(f"--dtype {args.dtype}: the bundled tiny model runs in float32; drop --dtype")
+        raise InputError(f"{flag} {args.dtype}: the bundled tiny model runs in float32; "
+                         + ("drop --dtype" if flag == "--dtype" else "unset SEPME_DTYPE (or set it to fp32)"))
     if getattr(args, "judge", None) and not Path(args.judge).exists():
         raise InputError(f"--judge {args.judge}: no such file or folder")
+    if getattr(args, "judge", None) and args.family == "tiny":  # a delta or a truncated file: refused before loading
+        try:
+            load_classifier(path=args.judge, device=torch.device("cpu"))
+        except SepmeError as e:
+            raise InputError(f"--judge {args.judge}: {e}") from None
+    if getattr(args, "seed", None) is not None and not 0 <= args.seed <= MAX_SEED:
+        raise InputError(f"--seed {args.seed}: the first seed must be a whole number in 0..2**63 - 1")
+    if getattr(args, "guidance", None) is not None and (not math.isfinite(args.guidance) or abs(args.guidance) > 1e3):
+        raise InputError(f"--guidance {args.guidance}: give a finite guidance scale of at most 1000 (7.5 is usual)")
+    if getattr(args, "steps", None) is not None and args.steps > 1000:
+        raise InputError(f"--steps {args.steps}: at most 1000 DDIM steps (the model's training schedule has 1000)")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -170,13 +204,21 @@ def _judge(args, model):
 def _deltas(args, model) -> tuple[list, list]:
     deltas, scales = [], []
     for path, scale in args.loras:
-        d = Delta.from_lora(path, device=model.device, base=model.fingerprint())
-        d.check_base(model)
+        try:
+            d = Delta.from_lora(path, device=model.device, base=model.fingerprint())
+            d.check_base(model)
+        except SepmeError as e:
+            raise InputError(f"--lora {path}: {e}") from None
         deltas.append(d)
         scales.append(scale)
     names = [d.name for d in deltas]
     if len(set(names)) != len(names):
         raise InputError(f"--lora: two folders hold the same concept ({names}); give each once with its scale")
+    for i, a in enumerate(deltas):
+        for j, b in enumerate(deltas[:i]):
+            if same_tensors(a, b):
+                raise InputError(f"--lora: {args.loras[j][0]} and {args.loras[i][0]} hold the same adapter (one is a "
+                                 "copy); it would be applied twice. Give it once, with its scale (DIR:2)")
     return deltas, scales
 
 
@@ -210,6 +252,12 @@ def erase(args) -> int:
     except ValueError as e:
         raise InputError(str(e)) from None
     out = check_out(args.out)
+    with FolderLock(out, "--out", InputError):
+        return _erase_locked(args, out, settings, extra)
+
+
+def _erase_locked(args, out: Path, settings: dict, extra: dict) -> int:
+    """``sepme erase`` while holding the lock of ``--out`` (a second run into the same folder is refused)."""
     run = dict(model=args.model, concepts=args.concepts, method=args.method, mode=args.mode, settings=settings,
                arguments=extra, n_ref=args.n_ref)
     record = out / "erase_run.json"

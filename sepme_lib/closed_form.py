@@ -27,7 +27,9 @@ import warnings
 
 import torch
 
-from .concepts import anchors_for, general_prompts, preserve_prompts
+from . import config
+from .concepts import anchors_for, check_clashes, general_prompts, preserve_prompts, prompt_list
+from .config import SepmeError
 from .deltas import Delta
 
 COND_WARN = 1e9  # closed_form_edit warns above this condition number of (lam I + sum k k^T): in float64 the
@@ -35,7 +37,7 @@ COND_WARN = 1e9  # closed_form_edit warns above this condition number of (lam I 
 KEY_MODES = ("all", "words", "eos", "tail")
 
 
-class ClosedFormError(ValueError):
+class ClosedFormError(SepmeError, ValueError):
     """Bad input to a closed-form method (the message names the problem and the fix)."""
 
 
@@ -197,19 +199,25 @@ def _values(K: torch.Tensor, W: dict) -> dict:
     return {k: K.double().cpu() @ w.double().T.cpu() for k, w in W.items()}
 
 
+def _default_preserve(model, concepts) -> list:
+    """The concept set's preserve prompts for ``concepts``; a clear hint for concepts outside the set."""
+    try:
+        return preserve_prompts(model, [c.name for c in concepts])
+    except ValueError as e:
+        raise ClosedFormError(f"no default preserve set ({e}): a custom Concept needs the prompts to keep, e.g. "
+                              "preserve=['a red star', 'a painting'] (or preserve=[] to keep only c_0)") from None
+
+
 def prompt_sets(model, concepts, anchor, preserve):
     """UCE/RECE's three prompt sets: erase (every prompt of every concept), guide (their anchors), preserve
     (default: the other concepts of the model's concept set). A prompt both erased and preserved is refused."""
     prompts = [p for c in concepts for p in c.prompts]
     guides = [g for c in concepts for g in anchors_for(model, c, anchor)]
     if preserve is None:
-        keep = preserve_prompts(model, [c.name for c in concepts])
+        keep = _default_preserve(model, concepts)
     else:
-        keep = [preserve] if isinstance(preserve, str) else list(preserve)
-    clash = sorted(set(prompts) & set(keep))
-    if clash:
-        raise ClosedFormError(f"prompt(s) {clash} are both erased and preserved: the edit would be a no-op for them. "
-                              "Remove them from preserve=.")
+        keep = prompt_list(preserve, "preserve")
+    check_clashes(model, concepts, keep, "preserve=", "preserved")
     return prompts, guides, keep
 
 
@@ -356,11 +364,14 @@ def mace(model, concepts, s: dict, mapped=None, preserve=None, general=None) -> 
         kg.append(G[i, rb])
     Kf, Kg = torch.cat(kf), torch.cat(kg)
     names = [c.name for c in concepts]
-    general = general_prompts(model, names, s["n_general"]) if general is None else list(general)
-    domain = preserve_prompts(model, names) if preserve is None else list(preserve)
-    clash = sorted(set(prompts) & (set(general) | set(domain)))
-    if clash:
-        raise ClosedFormError(f"prompt(s) {clash} are both erased and preserved; remove them from preserve=/general=")
+    if general is None:  # n_general prompts x L rows x d_in in float64, a few copies
+        d_in = next(iter(kv_weights(model).values())).shape[1]
+        config.check_memory(f"mace: n_general={s['n_general']} general prompts", 24.0 * s["n_general"] *
+                            model.max_length * d_in, "lower n_general (64 by default), or pass general= prompts")
+    general = general_prompts(model, names, s["n_general"]) if general is None else prompt_list(general, "general")
+    domain = _default_preserve(model, concepts) if preserve is None else prompt_list(preserve, "preserve")
+    check_clashes(model, concepts, domain, "preserve=", "preserved")
+    check_clashes(model, concepts, general, "general=", "preserved")
     Kp_g, Kp_d = _rows(model, general, "all"), _rows(model, domain, "all")
     parts = [(k, w) for k, w in ((Kp_g, s["lam_general"]), (Kp_d, s["lam_domain"])) if k is not None]
     Kp = torch.cat([k for k, _ in parts]) if parts else None

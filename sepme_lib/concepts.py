@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from . import world
+from .config import SepmeError
 
 
-class ConceptError(ValueError):
+class ConceptError(SepmeError, ValueError):
     """Bad concept input (the message names the problem and the fix)."""
 
 
@@ -162,7 +163,11 @@ class Concept:
             raise ConceptError(f"concept {self.name!r} has an empty prompt in {self.prompts}: the empty prompt is c_0, "
                                "which every null space protects, so erasing it would do nothing")
         if not isinstance(self.latents, torch.Tensor) or self.latents.dim() != 4 or len(self.latents) == 0:
-            raise ConceptError(f"concept {self.name!r} needs reference latents (N, C, H, W) with N >= 1")
+            raise ConceptError(f"concept {self.name!r} needs reference latents (N, C, H, W) with N >= 1, got "
+                               f"{tuple(self.latents.shape) if isinstance(self.latents, torch.Tensor) else self.latents!r:.60}")
+        if not torch.isfinite(self.latents).all():
+            raise ConceptError(f"concept {self.name!r}: its reference latents hold NaN or inf values; make them with "
+                               "model.to_latent(images) from finite images in [-1, 1]")
 
     @property
     def prompt(self) -> str:
@@ -218,6 +223,10 @@ def make_concepts(model, names, n_ref: int = 64, seed: int = 0, n_prompts: int =
 
 def as_concepts(model, concepts, n_ref: int = 64) -> list[Concept]:
     """``concepts`` (Concept objects and/or names of the model's concept set) as a list of :class:`Concept`."""
+    if not isinstance(concepts, (str, Concept)) and (isinstance(concepts, (bytes, dict)) or
+                                                     not hasattr(concepts, "__iter__")):
+        raise ConceptError(f"concepts must be concept names or Concept objects (or a list of them), got "
+                           f"{type(concepts).__name__} {concepts!r:.40}")
     concepts = [concepts] if isinstance(concepts, (str, Concept)) else list(concepts)
     if not concepts:
         raise ConceptError("no concepts given; pass make_concepts(model, [...]) or concept names")
@@ -230,7 +239,46 @@ def as_concepts(model, concepts, n_ref: int = 64) -> list[Concept]:
     seen = [c.name for c in out]
     if len(set(seen)) != len(seen):
         raise ConceptError(f"concept names repeat: {seen}")
+    for c in out:
+        if tuple(c.latents.shape[1:]) != tuple(model.latent_shape):
+            raise ConceptError(f"concept {c.name!r}: reference latents of shape {tuple(c.latents.shape)}, but this "
+                               f"model's latents are (N, {', '.join(map(str, model.latent_shape))}); make them with "
+                               "model.to_latent(images)")
     return out
+
+
+def prompt_list(value, what: str) -> list[str]:
+    """``value`` (a prompt or a list of prompts) as a list of strings; ``what`` names the argument in errors."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ConceptError(f"{what} must be a prompt or a list of prompts, got {type(value).__name__} {value!r:.60}")
+    value = list(value)
+    bad = [p for p in value if not isinstance(p, str)]
+    if bad:
+        raise ConceptError(f"{what} must hold prompt strings, got {type(bad[0]).__name__} {bad[0]!r:.60}")
+    return value
+
+
+def check_clashes(model, concepts, protected=(), what: str = "protect=", kind: str = "protected") -> None:
+    """Refuse, before any work, a prompt erased by two concepts, or both erased and protected (``what`` names the
+    protected set), compared by the token ids the model embeds (the tokenizer lower-cases and collapses spaces, so
+    ``'AN OBJECT IN STRIPED STYLE'`` is ``'an object in striped style'``): the increment could not change it."""
+    owner: dict = {}
+    for c in concepts:
+        for p in c.prompts:
+            ids = tuple(model.token_ids(p))
+            if ids in owner and owner[ids][0] != c.name:
+                raise ConceptError(f"concepts {owner[ids][0]!r} and {c.name!r} both erase the prompt {p!r} (= "
+                                   f"{owner[ids][1]!r} for the tokenizer): each one's increment would protect it "
+                                   "from the other. Give each concept its own prompts, or merge them into one concept")
+            owner.setdefault(ids, (c.name, p))
+    for q in protected:
+        ids = tuple(model.token_ids(q)) if q else None
+        if ids in owner:
+            raise ConceptError(f"the prompt {owner[ids][1]!r} of concept {owner[ids][0]!r} is both erased and {kind}: "
+                               f"{what} holds {q!r} (the same tokens), so the increment could not change it. Remove "
+                               f"it from {what} (or from the concept's prompts)")
 
 
 # ------------------------------------------------------------------------------------------ prompt sets
@@ -246,7 +294,7 @@ def anchors_for(model, concept: Concept, anchor=None) -> list[str]:
                                "anchor='a painting' (one for all prompts) or one per prompt") from None
     if isinstance(anchor, str):
         return [anchor] * len(concept.prompts)
-    anchor = list(anchor)
+    anchor = prompt_list(anchor, "anchor")
     if len(anchor) != len(concept.prompts):
         raise ConceptError(f"{len(anchor)} anchors for the {len(concept.prompts)} prompts of {concept.name!r}; give "
                            "one anchor string, or one per prompt")

@@ -25,6 +25,57 @@ REPO = "sepme-course/sepme-course"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class SepmeError(Exception):
+    """The base of every error the library raises on bad input or a fault it detects (README, "Troubleshooting:
+    the library's errors"): ``except sepme_lib.SepmeError`` catches them all. Each message names the argument or
+    file, what was wrong and the fix."""
+
+
+class BadValue(SepmeError, ValueError):
+    """An argument or setting has a wrong value (out of range, non-finite, wrong shape, unknown name)."""
+
+
+class BadType(SepmeError, TypeError):
+    """An argument has a wrong type (a string where a list is expected, a number where a prompt is expected)."""
+
+
+class UnknownName(BadValue, KeyError):
+    """A name (of a delta, a parameter, a concept) that is not among the known ones (also a ``KeyError``)."""
+
+    __str__ = Exception.__str__
+
+
+class NotFound(SepmeError, FileNotFoundError):
+    """A file or folder the call needs does not exist (also a ``FileNotFoundError``)."""
+
+
+class TooLarge(BadValue):
+    """A requested size would not fit in this machine's memory (the message gives the estimate and the fix)."""
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (``MemAvailable`` of /proc/meminfo; else free pages; else 8 GiB)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def check_memory(what: str, nbytes: float, fix: str, share: float = 0.5) -> None:
+    """Refuse (:class:`TooLarge`) before starting when ``what`` needs more than ``share`` of the available memory."""
+    avail = available_memory()
+    if nbytes > share * avail:
+        raise TooLarge(f"{what} needs about {nbytes / 2**30:.3g} GiB of memory, more than {share:.0%} of the "
+                       f"{avail / 2**30:.3g} GiB available here; {fix}")
+
+
 def _find_data() -> Path:
     """``data/`` next to the package (a clone or an editable install), or ``$SEPME_DATA``, or the copy that a
     regular ``pip install`` puts inside the package (``sepme_lib/data``)."""
@@ -83,7 +134,7 @@ def profile(name: str | None = None, model: str | None = None) -> dict:
     ``$MODEL``. In ``ci`` on a model other than the bundled one the counts are :data:`PLUMBING`'s."""
     name = name or os.environ.get("PROFILE", "full")
     if name not in PROFILES:
-        raise ValueError(f"unknown PROFILE {name!r}; use one of {', '.join(PROFILES)}")
+        raise BadValue(f"unknown PROFILE {name!r}; use one of {', '.join(PROFILES)}")
     out = dict(PROFILES[name], name=name)
     if name == "ci" and (model or model_name()) != "tiny":
         out.update(PLUMBING)
@@ -125,7 +176,7 @@ def get_device(prefer: str | None = None) -> torch.device:
         try:
             dev = torch.device(want)
         except (RuntimeError, TypeError) as e:
-            raise ValueError(f"unknown device {want!r} ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
+            raise BadValue(f"unknown device {want!r} ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {want!r} was asked for but CUDA is not available here; use 'cpu'")
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -133,7 +184,7 @@ def get_device(prefer: str | None = None) -> torch.device:
         if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise RuntimeError(f"device {want!r} was asked for but MPS is not available here; use 'cpu'")
         if dev.type not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"device {want!r} cannot run the models (it holds no data); use 'cpu' or 'cuda'")
+            raise BadValue(f"device {want!r} cannot run the models (it holds no data); use 'cpu' or 'cuda'")
         return dev
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -146,7 +197,7 @@ def default_dtype(model: str, device) -> str | None:
     want = os.environ.get("SEPME_DTYPE", "").strip().lower()
     if want:
         if want not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"SEPME_DTYPE must be fp32, fp16 or bf16, got {want!r}")
+            raise BadValue(f"SEPME_DTYPE must be fp32, fp16 or bf16, got {want!r}; unset it or use one of those")
         return None if want == "fp32" else want
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if str(model) == "tiny" or dev.type != "cuda":

@@ -15,9 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .classifier import accuracy
+from .config import BadType, BadValue
 from .closed_form import derive_embedding, kv_weights
 from .concepts import concept_set
 from .deltas import combine, edited_weights
+from .model import prompt_list
 from .nullspace import leakage
 
 
@@ -28,7 +30,7 @@ def eval_prompts(model, concept: str, n: int, seed: int = 0) -> list[str]:
 
 def _weights(model, deltas, scales, weights):
     if weights is not None and deltas:
-        raise ValueError("give deltas (and scales) or weights, not both")
+        raise BadValue("give deltas (and scales) or weights, not both")
     if deltas:
         return edited_weights(model, list(deltas), scales)
     return weights
@@ -45,7 +47,7 @@ def generate(model, prompts, seeds=None, deltas=None, scales=None, steps=None, g
 
 def _positive(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of images per concept must be a whole number >= 1, got {n!r}")
+        raise BadValue(f"the number of images per concept must be a whole number >= 1, got {n!r}")
     return n
 
 
@@ -54,11 +56,16 @@ ANCHOR_STYLE = "blank"  # the anchor of an erased style: the prompt without its 
 
 def _eval_heads(model, judge, concepts, n, deltas, scales, weights, seed, steps, guidance) -> dict:
     """Sample every concept's ``n`` evaluation images in one call and read them with every head of the judge."""
-    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    concepts = prompt_list(concepts)
     if not concepts:
-        raise ValueError("acc_table needs at least one concept")
+        raise BadValue("acc_table needs at least one concept")
     n = _positive(n)
+    if not callable(getattr(judge, "predict", None)) or not hasattr(judge, "heads_labels"):
+        raise BadType(f"acc_table: judge must be a classifier (sepme_lib.load_classifier(model=model)), got "
+                      f"{type(judge).__name__}")
     cs = concept_set(model)
+    for c in concepts:
+        cs.check(c)
     prompts = [p for c in concepts for p in cs.eval_prompts(c, n, seed)]
     seeds = [k for _ in concepts for k in range(seed, seed + n)]
     imgs = generate(model, prompts, seeds, deltas, scales, steps, guidance, weights)

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .concepts import draw_batch
+from .config import BadValue, SepmeError
 from .deltas import Delta
 
 L1_FORMS = ("delta", "w", "w_mean")
@@ -66,33 +67,36 @@ class Settings:
         for k in ("lr", "gcirs_lr", "beta"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
-                raise ValueError(f"{k} must be a finite number > 0, got {v!r}")
+                raise BadValue(f"{k} must be a finite number > 0, got {v!r}")
+        if self.beta > 1e3:
+            raise BadValue(f"beta (dW = beta * w S^T) must be at most 1e3, got {self.beta!r}: larger values overflow "
+                           "float32 in training. The paper uses 1e-4 (the bundled model 5e-2)")
         taus = list(self.tau) if isinstance(self.tau, (list, tuple)) else [self.tau]
         for k, values in (("lam", [self.lam]), ("alpha", [self.alpha]), ("tau", taus), ("gcirs_tau", [self.gcirs_tau])):
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
-                    raise ValueError(f"{k} must be a finite number" + (" (or one per concept)" if k == "tau" else "")
+                    raise BadValue(f"{k} must be a finite number" + (" (or one per concept)" if k == "tau" else "")
                                      + f", got {getattr(self, k)!r}")
         if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
+            raise BadValue(f"lam must be >= 0, got {self.lam}")
         for k, lo in (("cap", 1), ("warmup", 0), ("batch", 1), ("seed", 0), ("min_null_dim", 1), ("single_warmup", 0)):
             v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{k} must be a whole number >= {lo}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo or v >= 2**63:
+                raise BadValue(f"{k} must be a whole number >= {lo} (and below 2**63), got {v!r}")
         if self.l1 not in L1_FORMS:
-            raise ValueError(f"l1 must be one of {L1_FORMS}, got {self.l1!r}")
+            raise BadValue(f"l1 must be one of {L1_FORMS}, got {self.l1!r}")
         if self.single not in SINGLE_MODES:
-            raise ValueError(f"single must be one of {SINGLE_MODES}, got {self.single!r}")
+            raise BadValue(f"single must be one of {SINGLE_MODES}, got {self.single!r}")
         if self.protection not in PROTECTIONS:
-            raise ValueError(f"protection must be one of {PROTECTIONS}, got {self.protection!r}")
+            raise BadValue(f"protection must be one of {PROTECTIONS}, got {self.protection!r}")
         if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+            raise BadValue(f"target must be one of {TARGETS}, got {self.target!r}")
         for k, ok in (("soft", lambda v: 0 <= v < 1), ("anchor_tau", lambda v: 0 < v < 10)):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not ok(v):
-                raise ValueError(f"{k} must be a number in " + ("[0, 1)" if k == "soft" else "(0, 10)") + f", got {v!r}")
+                raise BadValue(f"{k} must be a number in " + ("[0, 1)" if k == "soft" else "(0, 10)") + f", got {v!r}")
         if isinstance(self.cache, bool) or not isinstance(self.cache, int) or self.cache < 0:
-            raise ValueError(f"cache must be a whole number >= 0 (x_t per concept; 0: no cache), got {self.cache!r}")
+            raise BadValue(f"cache must be a whole number >= 0 (x_t per concept; 0: no cache), got {self.cache!r}")
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -229,7 +233,7 @@ def direct_increment(model, name: str, param_names, lr: float, tau: float) -> In
     return Increment(name, params, lr=lr, tau=tau)
 
 
-class ErasureDiverged(FloatingPointError):
+class ErasureDiverged(SepmeError, FloatingPointError):
     """The loss became NaN/inf; ``.deltas`` holds the increments of the last good step."""
 
     def __init__(self, msg, deltas):

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +34,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import config
+from .card import model_card
 from .concepts import ConceptError, concept_set
+from .config import BadType, NotFound, SepmeError
 from .deltas import Delta, DeltaFileError
-from .report import markdown_table
+from .storage import atomic_folder
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 CARD = "README.md"
@@ -47,7 +48,7 @@ SEPME_META = "sepme_lora"
 FORMAT = "sepme-lora/1"
 
 
-class LoraError(ValueError):
+class LoraError(SepmeError, ValueError):
     """A LoRA export or folder cannot be made or read (the message names the problem and the fix)."""
 
 
@@ -216,6 +217,7 @@ def to_lora(delta: Delta, rank: int | None = None, rtol: float | None = None, mo
     on the delta's protected prompts (``info["protected"]``, else ``c_0``) and, when truncated, the output change on
     the delta's own prompts."""
     _check_truncation(rank, rtol)
+    delta.check_finite()  # an SVD of NaN fails obscurely ("svd failed to converge")
     adapter = adapter_name(adapter or delta.name)
     sd, ranks, full, errors, recon = {}, {}, {}, {}, {}
     mods = _modules(delta.tensors)
@@ -248,50 +250,92 @@ def to_lora(delta: Delta, rank: int | None = None, rtol: float | None = None, mo
 
 
 def save_lora(delta: Delta, folder, rank: int | None = None, rtol: float | None = None, model=None, acc=None,
-              base_model: str | None = None, verbose: bool = True) -> Path:
+              base_model: str | None = None, verbose: bool = True, overwrite: bool = False) -> Path:
     """``Delta.save_lora``: write ``folder/pytorch_lora_weights.safetensors`` and ``folder/README.md`` (model card,
-    with ``acc``, an ACC table of the run, if given); returns the folder. A truncated export prints its cost."""
+    with ``acc``, an ACC table of the run, if given); returns the folder. A truncated export prints its cost. The
+    folder must be new, empty, or an earlier export of the same delta (``overwrite=True``: of any delta); it is
+    written atomically (a temporary folder, then a rename)."""
+    folder = check_folder(folder, delta.name, overwrite)
     exp = to_lora(delta, rank, rtol, model)
     if model is not None and not delta.info.get("prompts"):
         exp.delta.info["prompts"] = erased_prompts(delta, model)
-    write(exp, folder, model_card(exp, acc, base_model or getattr(model, "name", None)))
+    write(exp, folder, model_card(exp, acc, base_model or getattr(model, "name", None)), overwrite)
     if verbose and not exp.exact:
         print(exp.summary())
-    return Path(folder)
+    return folder
 
 
-def write(exp: LoraExport, folder, card: str) -> Path:
-    """Write an export into ``folder`` (atomically per file); refuses a path that is a file."""
+def _export_name(folder: Path):
+    """The delta name of an earlier export in ``folder`` (None: ``folder`` is not one)."""
+    if not (folder / WEIGHTS).is_file() or set(os.listdir(folder)) - {WEIGHTS, CARD}:
+        return None
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {}).get(SEPME_META) or "{}")
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+    return meta.get("name") if meta.get("format") == FORMAT else None
+
+
+def check_folder(folder, name: str, overwrite: bool = False) -> Path:
+    """Refuse an empty path, a path through a file, and a non-empty folder that is not an earlier export of delta
+    ``name`` (any earlier export with ``overwrite=True``): writing there would replace the user's files."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise BadType(f"save_lora: folder must be a path (str or Path), got {type(folder).__name__}")
+    if not str(folder).strip() or Path(folder).name in ("", ".", "..") or "\x00" in str(folder):
+        raise LoraError(f"save_lora: folder {str(folder)!r} is not a new folder's name; give one, e.g. "
+                        f"'out/{adapter_name(name)}' (the export would otherwise land in an existing folder)")
     folder = Path(folder)
+    try:
+        _check_replace(folder, name, overwrite)
+    except OSError as e:
+        raise LoraError(f"cannot write the LoRA folder {folder}: {e.strerror or e}; give a writable folder path with "
+                        "a shorter name") from None
+    return folder
+
+
+def _check_replace(folder: Path, name: str, overwrite: bool) -> None:
     for p in (folder, *folder.parents):
         if p.exists() and not p.is_dir():
             raise LoraError(f"cannot write the LoRA folder {folder}: {p} is a file; give a folder path")
-    folder.mkdir(parents=True, exist_ok=True)
-    for t in exp.state_dict.values():
+    if folder.is_dir() and any(folder.iterdir()):
+        held = _export_name(folder)
+        if held is None:
+            raise LoraError(f"cannot write the LoRA folder {folder}: it holds other files ({sorted(os.listdir(folder))[:4]}) "
+                            "that the export would replace; give a new or empty folder")
+        if held != name and not overwrite:
+            raise LoraError(f"cannot write the LoRA folder {folder}: it holds the export of delta {held!r}; give "
+                            "another folder, or pass overwrite=True to replace it")
+
+
+def write(exp: LoraExport, folder, card: str, overwrite: bool = False) -> Path:
+    """Write an export into ``folder`` atomically (a temporary folder beside it, then a rename), after
+    :func:`check_folder`; a failure (a full disk) names the path and leaves any earlier folder intact."""
+    folder = check_folder(folder, exp.delta.name, overwrite)
+    for k, t in exp.state_dict.items():
         if not torch.isfinite(t).all():
-            raise LoraError(f"delta {exp.delta.name!r} holds NaN/inf values; retrain it before exporting")
+            raise LoraError(f"delta {exp.delta.name!r} holds NaN/inf values ({k}); retrain it before exporting")
     meta = {"format": "pt", DIFFUSERS_META: json.dumps({f"{PREFIX}.{k}": v for k, v in exp.config.items()},
                                                        sort_keys=True),
             SEPME_META: json.dumps(exp.meta(), default=str)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(exp.state_dict, tmp, metadata=meta)
-        os.replace(tmp, folder / WEIGHTS)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    (folder / CARD).write_text(card)
-    return folder
+    files = {WEIGHTS: lambda p: save_file(exp.state_dict, str(p), metadata=meta),
+             CARD: lambda p: p.write_text(card)}
+    return atomic_folder(folder, files, LoraError)
 
 
 def read(folder, device="cpu") -> tuple[dict, dict, dict]:
     """``(tensors, sepme_meta, lora_config)`` of a LoRA folder: ``tensors[param] = scale * B @ A`` (and biases), with
     ``scale = alpha / r`` per layer from the file's config (1 when it has none, the diffusers convention)."""
+    if not isinstance(folder, (str, os.PathLike)) or not str(folder).strip() or "\x00" in str(folder):
+        raise LoraError(f"from_lora: folder must name a LoRA folder, got {folder!r}")
     folder = Path(folder)
-    path = folder / WEIGHTS if folder.is_dir() else folder
-    if not folder.exists():
-        raise FileNotFoundError(f"no LoRA folder at {folder}")
+    try:
+        path = folder / WEIGHTS if folder.is_dir() else folder
+        exists = folder.exists()
+    except OSError as e:
+        raise LoraError(f"from_lora: cannot read {folder} ({e.strerror or e})") from None
+    if not exists:
+        raise NotFound(f"no LoRA folder at {folder}; give the folder Delta.save_lora or `sepme erase` wrote")
     if not path.exists():
         raise LoraError(f"{folder} has no {WEIGHTS}; a LoRA folder is written by Delta.save_lora or `sepme erase`")
     try:
@@ -305,6 +349,13 @@ def read(folder, device="cpu") -> tuple[dict, dict, dict]:
         info = json.loads(meta.get(SEPME_META) or "{}")
     except json.JSONDecodeError as e:
         raise LoraError(f"{path}: metadata is not valid JSON ({e})") from None
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise LoraError(f"{path}: tensor {bad[0]!r} holds NaN or inf values; the training run diverged or the file is "
+                        "damaged. Re-export the adapter from a finite delta")
+    orphans = [k for k in sd if k.endswith(".lora_B.weight") and k.replace(".lora_B.", ".lora_A.") not in sd]
+    if orphans:
+        raise LoraError(f"{path}: {orphans[0]} has no partner lora_A; the file is incomplete (re-export the folder)")
     foreign = [k for k in sd if not k.startswith(f"{PREFIX}.") or ".lora_" not in k]
     if foreign:
         raise LoraError(f"{path}: key {foreign[0]!r} is not a diffusers UNet LoRA key (unet.<module>.lora_A.weight); "
@@ -313,7 +364,13 @@ def read(folder, device="cpu") -> tuple[dict, dict, dict]:
     for k in sd:
         if k.endswith(".lora_A.weight"):
             module = k[len(PREFIX) + 1:-len(".lora_A.weight")]
-            A, B = sd[k].float(), sd[f"{PREFIX}.{module}.lora_B.weight"].float()
+            kb = f"{PREFIX}.{module}.lora_B.weight"
+            if kb not in sd:
+                raise LoraError(f"{path}: {k} has no partner {kb}; the file is incomplete (re-export the folder)")
+            A, B = sd[k].float(), sd[kb].float()
+            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+                raise LoraError(f"{path}: module {module!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; "
+                                "their ranks must match (B @ A); the file is damaged or of another layout")
             r = A.shape[0]
             alpha = cfg.get("alpha_pattern", {}).get(module, cfg.get("lora_alpha", r))
             scale = alpha / cfg.get("rank_pattern", {}).get(module, cfg.get("r", r)) if cfg else 1.0
@@ -343,70 +400,3 @@ def from_lora(cls, folder, device="cpu", base: str | None = None) -> Delta:
 Delta.to_lora = to_lora
 Delta.save_lora = save_lora
 Delta.from_lora = classmethod(from_lora)
-
-
-# ------------------------------------------------------------------------------------------ model card
-def _fmt(v) -> str:
-    return "-" if v is None else (f"{v:.2g}" if isinstance(v, float) else str(v))
-
-
-def model_card(exp: LoraExport, acc: dict | None = None, base_model: str | None = None) -> str:
-    """The folder's ``README.md`` in the style of a diffusers/Hub LoRA card: what was erased and how, what is
-    protected, the leakage certificate, the ACC table of the run (``acc``: ``{"columns": [...], "rows": [...]}`` or
-    ``{row name: {concept: ACC}}``), and how to load and combine the adapter."""
-    m, d = exp.meta(), exp.delta
-    base = base_model or "the base model it was trained on"
-    prompts, protected = d.info.get("prompts") or [], m["protected"]
-    r = sorted(set(exp.ranks.values()))
-    lines = ["---", "library_name: diffusers", f"base_model: {base}",
-             "tags: [lora, concept-erasure, sepme, text-to-image, diffusers]", "---", "",
-             f"# {d.name}: erased ({d.method}), as a LoRA adapter", "",
-             f"`theta + s * dTheta` with this adapter removes **{d.name}** from `{base}` (fingerprint `{d.base}` of "
-             f"its to_k/to_v weights). Made by sepme_lib {config.VERSION}, method `{d.method}`.", "",
-             "## What was erased, and how", "",
-             f"- prompts erased: {', '.join(repr(p) for p in prompts) or '-'}",
-             f"- method: `{d.method}`; settings: `{json.dumps(d.hparams, default=str)}`",
-             f"- training: {_fmt(d.info.get('steps'))} steps, {_fmt(d.info.get('seconds'))} s; stop: "
-             f"{d.info.get('stop_reason') or '-'}", "",
-             "## What is protected", "",
-             (f"{len(protected)} prompts (the empty prompt `c_0` shown as ''): "
-              + ", ".join(repr(p) for p in protected[:12]) + (" ..." if len(protected) > 12 else "")
-              if protected else "No protected set (this method does not decouple its weights)."), "",
-             "## Leakage certificate", "",
-             "`max_l ||A dW_l^T|| / ||A W_l^T||` over the edited to_k/to_v, `A` = the embedding rows of the protected "
-             "prompts: the relative change of their keys and values (float32 rounding is ~1e-6).", "",
-             markdown_table([dict(ranks=f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}",
-                                  exact="yes" if exp.exact else f"no (rank={exp.rank}, rtol={exp.rtol})",
-                                  recon_error=_fmt(exp.recon_error), leakage=_fmt(exp.leakage),
-                                  leakage_full_rank=_fmt(exp.leakage_exact), output_change=_fmt(exp.output_change))],
-                            ["ranks", "exact", "recon_error", "leakage", "leakage_full_rank", "output_change"]), ""]
-    if acc:
-        rows = acc["rows"] if "rows" in acc else [dict(model=k, **v) for k, v in acc.items()]
-        cols = acc.get("columns") or ["model"] + [c for c in rows[0] if c != "model"]
-        lines += ["## ACC of the run", "", acc.get("caption", "Judge accuracy per concept (the paper's ACC)."), "",
-                  markdown_table(rows, cols), ""]
-    name = exp.adapter
-    if base_model == "tiny":  # the bundled pixel-space model has no pipeline: its UNet loads the adapter
-        load = ["from diffusers import UNet2DConditionModel",
-                'unet = UNet2DConditionModel.from_pretrained("data/tiny_t2i/unet")  # the bundled model\'s UNet',
-                f'unet.load_lora_adapter("path/to/this/folder", weight_name="{WEIGHTS}",',
-                f'                        prefix="unet", adapter_name="{name}")  # both arguments are needed',
-                "# more erased concepts: load each folder under its own name, then set their strengths s_i",
-                f'unet.set_adapters(["{name}"], [1.0])   # theta + 1.0 * dTheta; 0 restores']
-    else:
-        load = ["import torch", "from diffusers import StableDiffusionPipeline",
-                f'pipe = StableDiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
-                f'pipe.load_lora_weights("path/to/this/folder", adapter_name="{name}")',
-                "# more erased concepts: load each folder under its own name, then set their strengths s_i",
-                f'pipe.set_adapters(["{name}"], adapter_weights=[1.0])   # theta + 1.0 * dTheta; 0 restores',
-                'image = pipe("a painting", num_inference_steps=50).images[0]']
-    lines += ["## Load and combine (diffusers >= 0.34 with peft; nothing from sepme_lib needed)", "", "```python",
-              *load, "```", "",
-              "Notes: adapter names may not contain `.`; `set_adapters` recomputes `theta + sum_i s_i dTheta_i` on the "
-              "fly (exact up to float rounding); `fuse_lora(lora_scale=s)` bakes the scale in and it stays: after "
-              "`unfuse_lora` the adapter still runs at `s` until `set_adapters` is called again; fuse/unfuse cycles "
-              "round the base weights (~3e-8 after 200 cycles on the bundled model: reload them for a clean base); "
-              "in float16 the adapter runs in float16 too. With sepme_lib: `Delta.from_lora(folder)`."
-              + (" This adapter changes a bias (peft's `lora_bias`): `set_adapters` is exact, `fuse_lora` is "
-                 "impossible on its bias-free layers." if exp.config["lora_bias"] else ""), ""]
-    return "\n".join(lines)

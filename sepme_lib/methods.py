@@ -13,6 +13,7 @@ import math
 
 from . import closed_form, finetune, gcirs, sepme, speed
 from .concepts import as_concepts
+from .config import SepmeError
 from .deltas import Delta
 
 _SEPME_SD = gcirs.Settings().as_dict()  # the paper's values: lr 1e-2, beta 1e-4, lam 3e-5, tau 0, alpha 0.9, cap 1000
@@ -91,7 +92,7 @@ _NON_NEGATIVE = ("lam", "erase_scale", "preserve_scale", "reg", "lam_general", "
                  "retain_scale", "lamb")
 
 
-class MethodError(ValueError):
+class MethodError(SepmeError, ValueError):
     """Bad input to :func:`erase` (the message names the problem and the fix)."""
 
 
@@ -109,10 +110,35 @@ def settings(method: str, model, **overrides) -> dict:
     if unknown:
         raise MethodError(f"{method}: unknown setting(s) {unknown}; settings are {sorted(base)}, arguments are "
                           f"{list(ARGUMENTS[method])} (defaults in methods.DEFAULTS[{method!r}][{family!r}])")
+    for k, v in overrides.items() if method not in ("sepme", "gcirs") else ():  # the default's type; finite numbers
+        d = base[k]
+        if isinstance(d, bool) and not isinstance(v, bool):
+            raise MethodError(f"{method}: {k} must be True or False, got {v!r}")
+        if isinstance(d, (int, float)) and not isinstance(d, bool) and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise MethodError(f"{method}: {k} must be a finite number (default {d!r}), got {v!r}")
+        if isinstance(d, int) and not isinstance(d, bool) and not isinstance(v, int):
+            raise MethodError(f"{method}: {k} must be a whole number (default {d!r}), got {v!r}")
+        if isinstance(d, str) and not isinstance(v, str):
+            raise MethodError(f"{method}: {k} must be a string (default {d!r}), got {v!r}")
     base.update(overrides)
     if method in ("sepme", "gcirs"):
-        gcirs.Settings(**base)  # validates every field
+        try:
+            gcirs.Settings(**base)  # validates every field
+        except ValueError as e:
+            raise MethodError(f"{method}: {e}") from None
         return base
+    if method in ("uce", "rece"):
+        if base["keys"] not in closed_form.KEY_MODES:
+            raise MethodError(f"{method}: keys must be one of {closed_form.KEY_MODES}, got {base['keys']!r}")
+        if base["official"] and base["keys"] != "tail":
+            raise MethodError(f"{method}: keys={base['keys']!r} is used only with official=False (the authors' code, "
+                              "official=True, always takes the 'tail' rows); pass official=False too, or drop keys")
+    for k, lo, hi in (("kappa", 0.0, 1.0), ("seed", 0, 2**63 - 1)):
+        if k in base and not lo <= base[k] <= hi:
+            raise MethodError(f"{method}: {k} must be in [{lo}, {hi}], got {base[k]!r}")
+    if base.get("phrase_rows", "keep") not in ("keep", "map"):
+        raise MethodError(f"{method}: phrase_rows must be 'keep' or 'map', got {base['phrase_rows']!r}")
     for k, v in base.items():
         if k in _POSITIVE_INT and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise MethodError(f"{method}: {k} must be a whole number >= 1, got {v!r}")

@@ -34,6 +34,16 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from . import config, world
+from .config import BadType, BadValue
+
+
+def prompt_list(prompts) -> list:
+    """A prompt or a list of prompts as a list (:class:`~sepme_lib.config.BadType` for anything else)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (bytes, dict)) or not hasattr(prompts, "__iter__"):
+        raise BadType(f"prompts must be a string or a list of strings, got {type(prompts).__name__} {prompts!r:.60}")
+    return list(prompts)
 
 
 class T2IModel:
@@ -85,10 +95,10 @@ class T2IModel:
           the first time it is used.
         """
         if not isinstance(prompt, str):
-            raise TypeError(f"a prompt must be a string, got {type(prompt).__name__} {prompt!r}")
+            raise BadType(f"a prompt must be a string, got {type(prompt).__name__} {prompt!r}")
         n = len(self.tokenizer(prompt, truncation=False).input_ids)
         if n > self.max_length:
-            raise ValueError(f"the prompt {prompt!r} has {n} tokens (with BOS/EOS) but this model reads at most "
+            raise BadValue(f"the prompt {prompt!r} has {n} tokens (with BOS/EOS) but this model reads at most "
                              f"{self.max_length}; the rest would be cut silently. Shorten the prompt.")
         new = [w for w in self.unknown_words(prompt) if w not in self._warned]
         if new:
@@ -111,9 +121,9 @@ class T2IModel:
 
         Every row (BOS, words, EOS, padding) is kept: it is exactly what ``attn2.to_k``/``to_v`` read.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = prompt_list(prompts)
         if not prompts:
-            raise ValueError("no prompts to embed: pass a string or a non-empty list of strings")
+            raise BadValue("no prompts to embed: pass a string or a non-empty list of strings")
         for p in prompts:
             self.check_prompt(p)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
@@ -201,29 +211,36 @@ class T2IModel:
         """
         if embeddings is not None and prompts is None:
             prompts = [""] * len(embeddings)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = prompt_list(prompts)
         if embeddings is not None and len(embeddings) != len(prompts):
-            raise ValueError(f"got {len(embeddings)} embeddings but {len(prompts)} prompts; pass prompts=None "
-                             "with embeddings")
+            raise BadValue(f"got {len(embeddings)} embeddings but {len(prompts)} prompts; pass prompts=None "
+                           "with embeddings")
         if not prompts:
-            raise ValueError("no prompts to sample: pass a string or a non-empty list of prompts")
+            raise BadValue("no prompts to sample: pass a string or a non-empty list of prompts")
+        side = self.latent_shape[-1] * (self.patch if self.vae is None else 8)
+        config.check_memory(f"sampling {len(prompts)} images of {side} x {side}", len(prompts) * 12.0 * side * side,
+                            "sample fewer prompts/seeds per call")
+        if seeds is not None and (isinstance(seeds, (str, bytes, dict)) or not hasattr(seeds, "__iter__")):
+            raise BadType(f"seeds must be a list of whole numbers (one per prompt), got {type(seeds).__name__}")
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-        bad = [k for k in seeds if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0]
+            raise BadValue(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        bad = [k for k in seeds if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < 2**63]
         if bad:
-            raise ValueError(f"seeds must be whole numbers >= 0, got {bad[:3]}")
+            raise BadValue(f"seeds must be whole numbers >= 0 (and below 2**63), got {bad[:3]}")
         steps = self.sample_steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"steps (DDIM steps) must be a whole number >= 1, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= self.num_train_timesteps:
+            raise BadValue(f"steps (DDIM steps) must be a whole number in 1..{self.num_train_timesteps} (the training "
+                           f"schedule's length), got {steps!r}")
         g = self.guidance if guidance is None else guidance
-        if not isinstance(g, (int, float)) or not math.isfinite(g):
-            raise ValueError(f"guidance must be a finite number, got {g!r}")
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or abs(g) > 1e3:
+            raise BadValue(f"guidance must be a finite number of at most 1000 in size (the model's default is "
+                           f"{self.guidance}), got {g!r}")
         batch_size = config.sample_batch(self.family) if batch_size is None else batch_size
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise BadValue(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         if embeddings is not None and not torch.isfinite(embeddings).all():
-            raise ValueError("the embeddings contain NaN or inf values")
+            raise BadValue("the embeddings contain NaN or inf values")
         key = None if callback is not None else self._sample_key(prompts, seeds, steps, g, batch_size, weights, embeddings)
         hit = config.cache_load(key)
         if hit is not None:

@@ -25,7 +25,9 @@ from typing import NamedTuple
 
 import torch
 
+from .config import BadType, BadValue, SepmeError
 from .gcirs import Increment
+from .model import prompt_list
 
 # Singular values <= tol count as zero, tol = rtol * s_max. The default rtol (None) is NumPy's matrix_rank rule,
 # max(rows, d_in) * eps(float64): the exact rank of the float32 embeddings stored in A. Their small singular values
@@ -35,7 +37,7 @@ from .gcirs import Increment
 NULL_RTOL = None
 
 
-class CapacityError(ValueError):
+class CapacityError(SepmeError, ValueError):
     """The null space left for a concept is too small to train a meaningful increment."""
 
 
@@ -84,14 +86,21 @@ def null_space(A: torch.Tensor, rtol: float | None = NULL_RTOL, prior: torch.Ten
     certificate for ``A`` is unchanged; the prior's rows keep ``prior_energy`` of their energy in the basis.
     """
     if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.numel() == 0:
-        raise ValueError(f"A must be a non-empty 2-D tensor (rows x d_in), got {getattr(A, 'shape', type(A))}")
+        raise BadValue(f"null_space: A must be a non-empty 2-D tensor (rows x d_in), got "
+                       f"{tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__}")
     if not torch.isfinite(A).all():
-        raise ValueError("A contains NaN or inf values")
+        raise BadValue("null_space: A contains NaN or inf values; build it from finite embeddings (stack_rows)")
+    if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float))):
+        raise BadValue(f"null_space: rtol must be None or a number in [0, 1), got {rtol!r}")
+    if prior is not None and (not isinstance(prior, torch.Tensor) or prior.dim() != 2 or prior.shape[1] != A.shape[1]
+                              or len(prior) == 0):
+        raise BadValue(f"null_space: prior must be a (n, {A.shape[1]}) tensor (rows of the same width d_in as A), got "
+                       f"{tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__}")
     A64 = A.detach().to("cpu", torch.float64)
     if rtol is None:
         rtol = max(A64.shape) * torch.finfo(torch.float64).eps
     if not 0 <= rtol < 1:
-        raise ValueError(f"rtol must be in [0, 1), got {rtol}")
+        raise BadValue(f"null_space: rtol must be in [0, 1), got {rtol}")
     _, s, vh = torch.linalg.svd(A64, full_matrices=True)
     tol = float(rtol * s.max()) if s.numel() else 0.0
     rank = int((s > tol).sum())
@@ -103,10 +112,10 @@ def null_space(A: torch.Tensor, rtol: float | None = NULL_RTOL, prior: torch.Ten
     if prior is None:
         return NullSpace(S, s, rank, tol, residual)
     if not isinstance(soft, (int, float)) or isinstance(soft, bool) or not 0 <= soft < 1:
-        raise ValueError(f"soft (the relative eigenvalue cut of the prior) must be a number in [0, 1), got {soft!r}")
+        raise BadValue(f"null_space: soft (the relative eigenvalue cut of the prior) must be a number in [0, 1), got {soft!r}")
     R = prior.detach().to("cpu", torch.float64).reshape(-1, A64.shape[1])
     if not torch.isfinite(R).all():
-        raise ValueError("the prior rows contain NaN or inf values")
+        raise BadValue("null_space: the prior rows contain NaN or inf values")
     C = R.T @ R / max(1, len(R))
     ev, V = torch.linalg.eigh(S.T @ C @ S)
     floor = max(R.shape) * torch.finfo(torch.float64).eps  # NumPy's rank rule for the eigenvalues of C: numerical 0
@@ -156,14 +165,27 @@ def _tensors(deltas_or_tensors) -> dict:
     """A dict of tensors from a Delta, a list of Deltas (their plain sum) or a dict itself."""
     x = deltas_or_tensors
     if isinstance(x, dict):
-        return x
-    items = [x] if hasattr(x, "tensors") else list(x)
-    if not items:
-        raise ValueError("leakage needs at least one delta (or a dict of tensors)")
-    out: dict = {}
-    for d in items:
-        for k, v in d.tensors.items():
-            out[k] = out[k] + v if k in out else v
+        out = x
+    else:
+        if isinstance(x, (str, bytes)) or not (hasattr(x, "tensors") or hasattr(x, "__iter__")):
+            raise BadType(f"leakage: deltas must be a Delta, a list of Deltas or a dict of tensors, got "
+                          f"{type(x).__name__}")
+        items = [x] if hasattr(x, "tensors") else list(x)
+        if not items:
+            raise BadValue("leakage needs at least one delta (or a dict of tensors)")
+        bad = [d for d in items if not isinstance(getattr(d, "tensors", None), dict)]
+        if bad:
+            raise BadType(f"leakage: deltas must be Delta objects, got {type(bad[0]).__name__}")
+        out = {}
+        for d in items:
+            for k, v in d.tensors.items():
+                out[k] = out[k] + v if k in out else v
+    for k, v in out.items():
+        if not isinstance(v, torch.Tensor):
+            raise BadType(f"leakage: the increment of {k!r} must be a tensor, got {type(v).__name__}")
+        if not torch.isfinite(v).all():
+            raise BadValue(f"leakage: the increment of {k!r} holds NaN or inf values, so no certificate can be given; "
+                           "retrain the delta (a finite one is needed)")
     return out
 
 
@@ -177,11 +199,18 @@ def leakage(model, deltas_or_tensors, prompts) -> dict:
     measurement. Only to_k/to_v changes are counted: a G-CiRs increment also edits to_q and to_out, which act on
     every prompt, so for it this number understates the change."""
     tensors = _tensors(deltas_or_tensors)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = prompt_list(prompts)
     if not prompts:
-        raise ValueError("leakage needs at least one prompt")
+        raise BadValue("leakage needs at least one prompt ('' is c_0)")
     params = dict(model.unet.named_parameters())
     kv = {k: v for k, v in tensors.items() if k.endswith(("to_k.weight", "to_v.weight"))}
+    if not kv:
+        raise BadValue(f"leakage: the increment edits no attn2 to_k/to_v weight (it edits {sorted(tensors)[:2]}...); "
+                       "the certificate measures key/value changes only")
+    for k, v in kv.items():
+        if k not in params or tuple(v.shape) != tuple(params[k].shape):
+            raise BadValue(f"leakage: {k!r} of shape {tuple(v.shape)} is not a parameter of this model's UNet; "
+                           "measure a delta on the model it was made for")
     out = {}
     for p in prompts:
         A = model.empty()[0] if p == "" else model.embed([p])[0]

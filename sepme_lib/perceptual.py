@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .config import SepmeError
+
 SSIM_WINDOW = 7
 SSIM_SIGMA = 1.5
 SSIM_C1 = 0.01 ** 2
@@ -46,7 +48,7 @@ METRICS = ("auto", "lpips", "1-ssim")
 _LPIPS_CACHE: dict = {}
 
 
-class LPIPSUnavailable(RuntimeError):
+class LPIPSUnavailable(SepmeError, RuntimeError):
     """LPIPS was asked for explicitly but its weights are not on this machine (nothing is downloaded)."""
 
 

@@ -12,6 +12,8 @@ import torch
 from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 
+from .config import BadValue
+
 MIN_TILE = 128         # every image is shown at least this many pixels wide (32x32 images: 4x, nearest neighbour)
 MAX_TILE = 256         # larger images (Stable Diffusion's 512x512) are shown downscaled to this width
 
@@ -28,12 +30,16 @@ def grid_image(images, ncols: int | None = None, upscale: float | None = None, g
     """A PIL image: ``images`` (N,3,H,W) in [0,1] tiled ``ncols`` wide, each scaled ``upscale`` times (default
     :func:`tile_scale`: small images enlarged nearest-neighbour to >= ``MIN_TILE`` pixels, large ones reduced)."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be a (N, 3, H, W) tensor in [0, 1], got "
+        raise BadValue(f"grid_image: images must be a (N, 3, H, W) tensor in [0, 1], got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if images.numel() and not torch.isfinite(images).all():
+        bad = sorted({int(i) for i in (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten()})
+        raise BadValue(f"grid_image: image(s) {bad[:5]} hold NaN or inf values (they would show as black tiles); "
+                       "the sampling diverged or a delta/scale is not finite")
     n, _, h, w = images.shape
     upscale = tile_scale(max(h, w)) if upscale is None else upscale
     if not upscale > 0 or gap < 0:
-        raise ValueError(f"upscale must be > 0 and gap >= 0, got upscale={upscale}, gap={gap}")
+        raise BadValue(f"grid_image: upscale must be > 0 and gap >= 0, got upscale={upscale}, gap={gap}")
     ncols = min(ncols or n, n)
     nrows = -(-n // ncols)
     H, Wd = max(1, round(h * upscale)), max(1, round(w * upscale))

@@ -30,7 +30,9 @@ Beyond the paper (notebook 08; settings of ``gcirs.Settings``, the paper's behav
 from __future__ import annotations
 
 from . import config
-from .concepts import Concept, ConceptError, anchors_for, caption_split, concept_set, prior_captions
+from .config import BadValue
+from .concepts import (Concept, ConceptError, anchors_for, caption_split, check_clashes, concept_set, prior_captions,
+                       prompt_list)
 from .deltas import Delta
 from .gcirs import Settings, gcirs, to_delta, train
 from .nullspace import decoupled_increment
@@ -84,24 +86,18 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
     file for the general prior (module docstring; ``anchor`` then also names the targets of ``target="anchor"``)."""
     s = settings or Settings()
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        raise BadValue(f"sepme: unknown mode {mode!r}; use one of {', '.join(MODES)}")
     concepts = list(concepts)
     if not concepts:
-        raise ValueError("sepme needs at least one concept")
-    protect = list(protect)
-    if any(not isinstance(p, str) for p in protect):
-        raise TypeError(f"protect must be a list of prompt strings, got {protect!r}")
+        raise BadValue("sepme needs at least one concept")
+    protect = prompt_list(protect, "protect")
     concept_mode = s.protection == "concept"
     single = len(concepts) == 1 and mode in ("separate", "joint") and s.single == "anchors" and not concept_mode
     anchors = anchors_for(model, concepts[0], anchor) if single else []
     if single:
         protect += anchors
         s = Settings(**dict(s.as_dict(), warmup=max(s.warmup, s.single_warmup)))
-    erased = {p for c in concepts for p in c.prompts}
-    clash = sorted(erased & set(protect))
-    if clash:
-        raise ValueError(f"prompt(s) {clash} are both erased and protected: the increment could not change them. "
-                         "Remove them from protect= (or from the concept's prompts).")
+    check_clashes(model, concepts, protect)
     taus = list(s.tau) if isinstance(s.tau, (list, tuple)) else [s.tau] * len(concepts)
     if len(taus) != len(concepts):
         raise ValueError(f"{len(taus)} stop thresholds (tau) for {len(concepts)} concepts; give one, or one per concept")
@@ -112,10 +108,7 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
     if concept_mode:  # exact A_i as above, plus a soft prior; each concept trains on its build captions
         concepts, priors = concept_level(model, concepts, prior)
         sets[0] = sets[0] if sets[0] is not None else [""] + protect
-        clash = sorted({p for c in concepts for p in c.prompts} & set(protect))
-        if clash:
-            raise ValueError(f"prompt(s) {clash} are both erased (build captions) and protected; remove them from "
-                             "protect=")
+        check_clashes(model, concepts, protect)
     targets = [anchors_for(model, c, anchor) for c in concepts] if s.target == "anchor" else None
     # build (and capacity-check) every increment before training anything
     incs = [None if p is None else decoupled_increment(model, c.name, p, s.beta, s.min_null_dim, s.lr, tau, q, s.soft)

@@ -37,12 +37,13 @@ import numpy as np
 import torch
 
 from .concepts import anchors_for, prior_captions
+from .config import SepmeError
 from .deltas import Delta
 
 KEYS = ("last", "tail", "all")
 
 
-class SpeedError(ValueError):
+class SpeedError(SepmeError, ValueError):
     """Bad input to :func:`speed` (the message names the problem and the fix)."""
 
 

@@ -42,6 +42,7 @@ import torch
 from . import adapters as _adapters, world
 from .classifier import HEADS, predict
 from .concepts import concept_set
+from .config import BadValue
 from .deltas import combine, edited_weights
 from .nullspace import leakage
 from .perceptual import perceptual_distance
@@ -275,6 +276,18 @@ def _pre(text: str, colour: str = "#000") -> str:  # the readout's HTML
     return f"<pre style='font-size:11px;color:{colour};white-space:pre-wrap;margin:0'>{html.escape(text)}</pre>"
 
 
+def _scale_range(scale_range) -> tuple:
+    """``(lo, hi)`` of the strength sliders: finite numbers with ``lo < hi``."""
+    try:
+        lo, hi = (float(v) for v in scale_range)
+    except (TypeError, ValueError):
+        raise BadValue(f"scale_range must be two numbers (lo, hi), e.g. (-1, 2), got {scale_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise BadValue(f"scale_range must be finite with lo < hi, e.g. (-1, 2), got {scale_range!r}; write the "
+                       "smaller strength first")
+    return lo, hi
+
+
 class CombinationWidget:
     """Checkbox + strength slider per ``dTheta_i``, a prompt box, a seed, the original and the edited images side
     by side (``theta`` | ``theta + sum_i s_i dTheta_i``), a warning line and the live readout.
@@ -286,6 +299,7 @@ class CombinationWidget:
 
     def __init__(self, model, clf, deltas, prompts=None, n: int = 4, seed: int = 0, steps: int | None = WIDGET_STEPS,
                  guidance: float | None = WIDGET_GUIDANCE, scale_range=SCALE_RANGE, metric="auto", backend="library"):
+        lo, hi = _scale_range(scale_range)
         self.model, self.clf, self.deltas = model, clf, list(deltas)
         if not self.deltas:
             raise ValueError("CombinationWidget needs at least one delta (a list of Delta objects)")
@@ -299,7 +313,6 @@ class CombinationWidget:
         self.n, self.steps, self.guidance, self.metric = n, steps, guidance, metric
         self.cache, self.adapters = {}, _adapters.make_backend(model, self.deltas, backend)  # diffusers: set_adapters
         self.last = None
-        lo, hi = scale_range
         self.checks = [W.Checkbox(value=True, description=f"Δθ {d.name}", indent=False,
                                   layout=W.Layout(width="170px")) for d in self.deltas]
         self.sliders = [W.FloatSlider(value=1.0, min=lo, max=hi, step=0.05, description="strength s",
@@ -397,8 +410,8 @@ def benchmark_refresh(model, clf, deltas, n: int = 4, steps: int | None = WIDGET
     Returns ``dict(seconds=[...], median, max, budget, within_budget, n, steps, threads)``. Not a test:
     timings depend on the machine and on what else runs on it.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise BadValue(f"repeats must be >= 1 (a whole number of refreshes to time), got {repeats!r}")
     w = widget or CombinationWidget(model, clf, deltas, prompts=[prompt] if prompt else None, n=n, steps=steps)
     if w.last is None:
         w.update()

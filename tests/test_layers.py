@@ -12,9 +12,9 @@ ROOT = PKG.parent
 # Layers, top to bottom: a module may import modules of earlier layers only (docs/DESIGN.md, "Layers").
 LAYERS = [
     ["config"],
-    ["world", "paper", "report", "plots", "picture", "perceptual", "checkpoint"],
+    ["world", "paper", "report", "plots", "picture", "perceptual", "checkpoint", "storage"],
     ["model"],
-    ["concepts", "deltas"],
+    ["concepts", "deltas", "card"],
     ["classifier", "gcirs", "lora"],
     ["nullspace", "adapters"],
     ["sepme"],

@@ -130,8 +130,9 @@ def _erased_and_preserved(model, deltas):
 
 @pytest.mark.parametrize("method", ["uce", "rece", "mace"])
 def test_closed_forms_erase_and_preserve(tiny_sd, concept, method):
-    # keys="all": the preserve promise covers the chosen key rows, so protect every row of the preserve prompts
-    settings = dict(preserve_scale=10.0, keys="all") if method in ("uce", "rece") else dict(lam_domain=10.0)
+    # official=True (the default) protects every row of the preserve prompts (keys= is refused with it: it would be
+    # ignored, issue 17)
+    settings = dict(preserve_scale=10.0) if method in ("uce", "rece") else dict(lam_domain=10.0)
     kw = dict(mapped=ANCHOR) if method == "mace" else dict(anchor=ANCHOR)
     ds = sm.erase(tiny_sd, [concept], method=method, preserve=PRESERVE, **kw, **settings)
     assert len(ds) == 1 and isinstance(ds[0], Delta) and ds[0].method == method

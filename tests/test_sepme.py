@@ -125,7 +125,7 @@ def test_restoration_by_leaving_out_is_bit_exact(tiny, three):
 def test_scales_combine_linearly(three):
     _, ds = three
     k = next(iter(ds[0].tensors))
-    tot = sm.combine(ds, {"striped": 2.0, "dotted": -1.0})
+    tot = sm.combine(ds, {"striped": 2.0, "checkered": 0.0, "dotted": -1.0})
     assert torch.allclose(tot[k], 2 * ds[0].tensors[k] - ds[2].tensors[k])
     with pytest.raises(KeyError, match="unknown deltas"):
         sm.combine(ds, {"cubist": 1.0})
