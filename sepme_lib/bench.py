@@ -59,7 +59,7 @@ def make_bundled_deltas(progress: bool = True) -> dict:
     out = {}
     for d in ds:
         d.info.pop("history", None)  # the loss curves are notebook 03's; keep the file's metadata short
-        path = d.save(config.BUNDLED_DELTAS / f"sepme1_{d.name}.safetensors")
+        path = d.save(config.BUNDLED_DELTAS / f"sepme1_{d.name}.safetensors", overwrite=True)
         out[d.name] = dict(path=path.name, steps=d.info["steps"], seconds=d.info["seconds"],
                            stop_reason=d.info.get("stop_reason"), l1=d.l1_norm(),
                            leakage_max=max(nullspace.leakage(model, d, d.info["protected"]).values()))

@@ -11,6 +11,7 @@ the library is imported), ``SEPME_DATA`` (another ``data/`` folder).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -250,6 +251,23 @@ def cache_store(key: str | None, value: torch.Tensor) -> None:
     tmp = folder / f".{key}.{os.getpid()}.tmp"
     torch.save(value, tmp)
     os.replace(tmp, folder / f"{key}.pt")  # atomic: parallel test processes may share the folder
+
+
+@contextlib.contextmanager
+def environment(values: dict, drop=()):
+    """Set the environment variables ``values`` (and unset ``drop``) for the ``with`` block; restore them after."""
+    old = {k: os.environ.get(k) for k in [*values, *drop]}
+    os.environ.update(values)
+    for k in drop:
+        os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 set_threads()  # honour SEPME_THREADS on import

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 from . import config, exercises, random_sd
+from .config import environment  # noqa: F401 - course.environment, used by the runner and tests
 from .report import write_report
 
 NOTEBOOKS = config.ROOT / "notebooks"
@@ -173,10 +173,18 @@ def _execute(nb, path: Path, timeout: int, store_widget_state: bool = True):
     """Run ``nb`` in a fresh ``python3`` kernel with the notebook's folder as working directory; returns the error
     text or ``None``. Committed notebooks store widget state only where :func:`execute` keeps it (notebook 05's, when
     small: viewers that render widgets then show its controls)."""
+    import nbformat
     from nbconvert.preprocessors import ExecutePreprocessor
 
-    ep = ExecutePreprocessor(timeout=timeout, kernel_name="python3", record_timing=False,
-                             store_widget_state=store_widget_state)
+    class Checked(ExecutePreprocessor):
+        """Runs :data:`SHELL_CHECK` (not stored, no execution count) before the first cell."""
+
+        def preprocess_cell(self, cell, resources, index):
+            if index == 0:
+                self.execute_cell(nbformat.v4.new_code_cell(SHELL_CHECK), index, store_history=False)
+            return super().preprocess_cell(cell, resources, index)
+
+    ep = Checked(timeout=timeout, kernel_name="python3", record_timing=False, store_widget_state=store_widget_state)
     try:
         ep.preprocess(nb, {"metadata": {"path": str(path.parent)}})
     except Exception as e:  # noqa: BLE001 - reported by the caller
@@ -184,21 +192,18 @@ def _execute(nb, path: Path, timeout: int, store_widget_state: bool = True):
     return None
 
 
-@contextlib.contextmanager
-def environment(values: dict, drop=()):
-    """Set the environment variables ``values`` (and unset ``drop``) for the ``with`` block; restore them after."""
-    old = {k: os.environ.get(k) for k in [*values, *drop]}
-    os.environ.update(values)
-    for k in drop:
-        os.environ.pop(k, None)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+# A notebook's shell line (``!cmd``) that fails only sets ``_exit_code`` in IPython: the run would go on and report
+# success. The runner makes such a line raise, naming the command and its status.
+SHELL_CHECK = """\
+def _sepme_checked_system(cmd, _system=get_ipython().system):
+    out = _system(cmd)
+    status = get_ipython().user_ns.get("_exit_code", 0)
+    if status:
+        raise RuntimeError(f"the shell line !{cmd} exited with status {status}")
+    return out
+get_ipython().system = _sepme_checked_system
+del _sepme_checked_system
+"""
 
 
 def ci_environment() -> dict:
@@ -250,8 +255,15 @@ def run(notebooks_dir: Path, out_dir: Path, pattern: str = PATTERN, timeout: int
     for p in paths:
         print(f"running {p.name} (PROFILE={os.environ.get('PROFILE', 'full')}, MODEL={config.model_name()}) ...",
               flush=True)
-        nb = nbformat.read(p, as_version=4)
         t0 = time.time()
+        try:
+            nb = nbformat.read(p, as_version=4)
+        except Exception as e:  # noqa: BLE001 - malformed JSON, a wrong format version...: report it with the file
+            error = (f"{p}: not a readable notebook ({type(e).__name__}: {str(e)[:300]}); restore it with "
+                     f"`git checkout {p}` or re-save it from Jupyter")
+            print(f"  FAILED: {error}", flush=True)
+            results.append(dict(name=p.stem, seconds=0.0, error=error, nb=None))
+            continue
         error = _execute(nb, p, timeout)
         if error:
             print(f"  FAILED in {p.name}:\n{error}", flush=True)

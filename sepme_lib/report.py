@@ -194,7 +194,7 @@ def write_report(results, out_dir) -> Path:
         parts.append(f"<li><a href='{r['name']}.html'>{r['name']}</a> ({r['seconds']} s) {status}</li>")
     parts.append(f"</ul><p>Total: {sum(r['seconds'] for r in results):.0f} s</p>")
     for r in results:
-        tabs = tables_of(r["nb"])
+        tabs = tables_of(r["nb"]) if r.get("nb") is not None else []
         if tabs:
             parts.append(f"<h2>{r['name']}</h2>" + "".join(tabs))
     parts.append("</body></html>")

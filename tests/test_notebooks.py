@@ -246,3 +246,25 @@ def test_sample_batch_per_family(monkeypatch, tiny_sd):
     monkeypatch.setenv("SEPME_BATCH", "0")
     with pytest.raises(ValueError, match="SEPME_BATCH"):
         config.sample_batch("sd")
+
+
+def test_course_run_reports_a_failing_shell_line_and_a_malformed_notebook(tmp_path):
+    """A failing ``!cmd`` stops the run with the command and its status (IPython alone only sets ``_exit_code``); a
+    notebook that is not valid JSON is reported with its file name, the others still run, and report.html is written."""
+    import nbformat
+
+    src = tmp_path / "nbs"
+    src.mkdir()
+    ok = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("!true\nx = 1"), nbformat.v4.new_code_cell("x + 1")])
+    bad = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("!false\ny = 2"), nbformat.v4.new_code_cell("y")])
+    nbformat.write(ok, src / "01_ok.ipynb")
+    nbformat.write(bad, src / "02_shell.ipynb")
+    (src / "03_broken.ipynb").write_text('{"cells": [')
+    results = {r["name"]: r for r in course.run(src, tmp_path / "out", timeout=120, html_out=False)}
+    assert results["01_ok"]["error"] is None
+    ran = nbformat.read(tmp_path / "out" / "01_ok.ipynb", as_version=4)
+    assert [c.execution_count for c in ran.cells] == [1, 2]  # the runner's own check adds no execution count
+    assert "!false exited with status 1" in results["02_shell"]["error"]
+    assert "03_broken.ipynb" in results["03_broken"]["error"] and "not a readable notebook" in results["03_broken"]["error"]
+    report = course.write_report(list(results.values()), tmp_path / "out")
+    assert report.exists() and "03_broken" in report.read_text()
