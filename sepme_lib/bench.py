@@ -126,7 +126,8 @@ def bench_sepme(profile: str = "ci", progress: bool = True, checkpoint=None) -> 
     concepts = make_concepts(model, ERASE_STYLES, n_ref=64)
     original = acc_table(model, clf, evals, n, steps=steps)
     out = dict(profile=prof["name"], images_per_concept=n, sample_steps=steps,
-               settings=methods.settings("sepme", model), original=original, tables={})
+               settings=methods.settings("sepme", model), original=original, tables={},
+               tau_by_mode={m: methods.mode_tau(model, m, len(concepts)) for m in ("separate", "iterative")})
     # Tables 1-2: G-CiRs alone, single concepts and all three at once
     g_rows = []
     for job in [[c] for c in concepts] + [concepts]:
@@ -139,7 +140,8 @@ def bench_sepme(profile: str = "ci", progress: bool = True, checkpoint=None) -> 
     checkpoint(out)
     for key, mode in (("sepme1", "separate"), ("sepme2", "iterative")):
         t = time.time()
-        ds = methods.erase(model, concepts, method="sepme", mode=mode, progress=progress)
+        ds = methods.erase(model, concepts, method="sepme", mode=mode, progress=progress,
+                           tau=methods.mode_tau(model, mode, len(concepts)))
         train_s = time.time() - t
         tab = combination_table(model, clf, ds, evals, n, steps=steps, original=original, progress=progress)
         out[key] = dict(tab["summary"], leakage_max=_leakage_max(model, ds),
@@ -165,13 +167,14 @@ def bench_joint(profile: str = "full", progress: bool = True) -> dict:
     model = load_model("tiny")
     clf = load_classifier(device=model.device)
     t0 = time.time()
+    tau = methods.mode_tau(model, "joint", len(ERASE_STYLES))  # twice separate mode's (methods.TAU_FACTORS)
     ds = methods.erase(model, make_concepts(model, ERASE_STYLES, n_ref=prof["n_ref"]), method="sepme", mode="joint",
-                       progress=progress)
+                       progress=progress, tau=tau)
     train_s = time.time() - t0
     tab = combination_table(model, clf, ds, list(world.STYLES), n, steps=steps, progress=progress)
     out = dict(command=f"python -m sepme_lib.bench joint --profile {prof['name']} --save", version=config.VERSION,
                profile=prof["name"], images_per_concept=n, sample_steps=steps, n_ref=prof["n_ref"], mode="joint",
-               settings=methods.settings("sepme", model), torch_threads=torch.get_num_threads(),
+               settings=methods.settings("sepme", model, tau=tau), torch_threads=torch.get_num_threads(),
                original=tab["original"], rows=tab["rows"],
                summary=dict(tab["summary"], leakage_max=_leakage_max(model, ds)),
                steps=[d.info.get("steps") for d in ds], stop_reason=[d.info.get("stop_reason") for d in ds],

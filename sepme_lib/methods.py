@@ -20,6 +20,26 @@ _SEPME_SD = gcirs.Settings().as_dict()  # the paper's values: lr 1e-2, beta 1e-4
 _SEPME_TINY = dict(_SEPME_SD, lr=2e-2, gcirs_lr=1e-4, beta=5e-2, lam=0.0, tau=-2e-3, gcirs_tau=-8e-3, cap=300,
                    batch=4, single="anchors")
 
+# Stop thresholds that differ from the one tau above, per family (None: the one tau). The bundled model's SepME_2
+# stage 2 protects only c_0 and striped's prompts; at tau -2e-3 it stopped after 108 steps with checkered still at
+# 0.25 (20 images), at -4e-3 after 174 steps at 0.00 (notebook 04). Its joint loop: at -2e-3 striped's monitor (concept
+# 1, the reference of eta_i) fired at step 206 with striped at 0.16-0.20; at -4e-3 all three erase (notebook 07).
+TAU_FACTORS = {"tiny": {"iterative": (1, 2, 1), "joint": 2}, "sd": {}}
+
+
+def mode_tau(model, mode: str, n_concepts: int):
+    """SepME's ``tau`` for ``mode`` on ``model``'s family: the settings' tau scaled by :data:`TAU_FACTORS` (one value
+    per stage for ``iterative``, the last factor repeated for more stages), else the settings' tau unchanged."""
+    family = model if isinstance(model, str) else model.family
+    tau = DEFAULTS["sepme"][family]["tau"]
+    f = TAU_FACTORS.get(family, {}).get(mode)
+    if f is None:
+        return tau
+    if isinstance(f, tuple):
+        return [tau * f[min(i, len(f) - 1)] for i in range(n_concepts)]
+    return tau * f
+
+
 DEFAULTS = {
     # SepME and G-CiRs share one settings object (gcirs.Settings). Tiny: see the README's tuned-defaults table
     # (tau sweep: -2e-3 erases to 0.00 on 20 and 50 images, -5e-4 left 0.15 on the notebooks' 20; single-concept
