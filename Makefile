@@ -15,7 +15,7 @@ CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
 SAMPLE_CACHE ?= build/sample-cache
 
-.PHONY: browser-deps test test-unit test-notebooks test-sd test-browser check-notebooks notebooks course lab bench venv clean-venv
+.PHONY: browser-deps test test-unit test-notebooks nbval-a nbval-b test-sd test-browser check-notebooks notebooks course lab bench venv clean-venv
 
 venv: $(VENV)/.installed
 
@@ -48,14 +48,24 @@ test-unit: $(VENV)/.installed
 
 # nbval re-executes every notebook and compares the marked cells with the committed outputs (one torch thread, as
 # `make notebooks` executes them)
-# `model.sample` keeps each call's images in $(SAMPLE_CACHE) (emptied first), so the original-model tables that the
-# notebooks draw again and again are sampled once per run (config.sample_cache_dir: a call is reused only when the
-# weights, prompts, seeds and settings are identical; the browser test after it reuses notebook 05's)
+# nbval in two processes (one torch thread each, notebooks of similar total time; 07 after 03, whose table it shows
+# again). `model.sample` keeps each call's images in $(SAMPLE_CACHE) (emptied first), so a table that notebooks draw
+# again (the original model's, the bundled increments' combinations) is sampled once per run (config.sample_cache_dir:
+# a call is reused only when the weights, prompts, seeds and settings are identical; the browser test reuses 05's)
+NBVAL_A ?= 00 01 03 07 04
+NBVAL_B ?= 02 05 06 08
+NBVAL = PROFILE=ci MODEL=tiny SEPME_THREADS=1 OMP_NUM_THREADS=1 SEPME_SAMPLE_CACHE=$(abspath $(SAMPLE_CACHE)) \
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env
 test-notebooks: $(VENV)/.installed
 	$(PY) -m sepme_lib.course check
 	rm -rf $(SAMPLE_CACHE)
-	PROFILE=ci MODEL=tiny SEPME_THREADS=1 OMP_NUM_THREADS=1 SEPME_SAMPLE_CACHE=$(abspath $(SAMPLE_CACHE)) \
-	  $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/
+	$(MAKE) -j2 --output-sync=target nbval-a nbval-b
+
+nbval-a: $(VENV)/.installed
+	$(NBVAL) $(foreach n,$(NBVAL_A),$(wildcard notebooks/$(n)_*.ipynb))
+
+nbval-b: $(VENV)/.installed
+	$(NBVAL) $(foreach n,$(NBVAL_B),$(wildcard notebooks/$(n)_*.ipynb))
 
 # every notebook on a random-weight SD 1.x folder (built in a temporary directory), ci profile, CPU
 test-sd: $(VENV)/.installed

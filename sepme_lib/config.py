@@ -127,7 +127,7 @@ def positive_int(text: str) -> int:
 
 # ci on any model but the bundled one (`make test-sd`: a random-weight SD folder on a CPU, where nothing is learned and
 # no number is a result): the counts that test the plumbing.
-PLUMBING = dict(images_per_concept=6, table_images=6, sample_steps=8, n_ref=32)
+PLUMBING = dict(images_per_concept=4, table_images=4, sample_steps=4, n_ref=8)
 
 
 def profile(name: str | None = None, model: str | None = None) -> dict:
