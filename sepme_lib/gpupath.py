@@ -38,6 +38,11 @@ import diffusers
 import torch
 import transformers
 
+try:
+    import resource  # POSIX only
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 from . import config, gcirs, methods, nullspace
 from .concepts import Concept, concept_set
 from .config import BadValue
@@ -72,8 +77,7 @@ def _peak_gib(device: torch.device) -> float:
                 return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    import resource  # noqa: PLC0415 - POSIX only; kilobytes on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if resource else float("nan")  # KiB on Linux
 
 
 def _timed(fn, device, repeats: int, slow_s: float) -> tuple[list, object]:

@@ -245,7 +245,7 @@ def capacity(d_in: int, tokens: int, prompts: int, min_null_dim: int = 16) -> di
     """The null space left by ``prompts`` protected prompts (``c_0`` counted) with every row protected:
     ``d_in - (k (L - 1) + 1)`` -- the BOS row is the same for every prompt (the text encoder is causal), each prompt adds
     its other ``L - 1`` rows. A lower bound of the measured dimension (equal where the rows are independent, as for
-    CLIP's). Also ``max_prompts``, the largest ``k`` that still leaves ``min_null_dim``, and ``fits``."""
+    CLIP's; prompts sharing a longer prefix share those rows too and leave more). Also ``max_prompts``, the largest ``k`` that still leaves ``min_null_dim``, and ``fits``."""
     for name, v, lo in (("d_in", d_in, 1), ("tokens", tokens, 2), ("prompts", prompts, 0), ("min_null_dim", min_null_dim, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise BadValue(f"capacity: {name} must be a whole number >= {lo}, got {v!r}")
