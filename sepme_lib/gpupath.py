@@ -114,13 +114,17 @@ def measure(op: str, model_path: str, device=None, dtype=None, repeats: int = 3,
     dev = config.get_device(device)
     t0 = time.perf_counter()
     model = load_model(model_path, device=dev, dtype=dtype)
+    with torch.no_grad():  # read every weight once: memory-mapped weights become resident here, not in the first op
+        for m in (model.unet, model.text_encoder, model.vae):
+            for p in m.parameters():
+                p.sum()
     row = dict(op=op, device=str(dev), dtype=str(model.unet.dtype).replace("torch.", ""), measured=True)
     if op == "load":
         return dict(row, seconds=time.perf_counter() - t0, repeats=1, peak_mem_gib=_peak_gib(dev),
                     shape=dict(parameters_m={k: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for k, m in
                                              (("unet", model.unet), ("text_encoder", model.text_encoder),
                                               ("vae", model.vae))}),
-                    note="peak includes the transient of loading the folder")
+                    note="every weight read once (resident); peak includes the transient of loading the folder")
     cs = concept_set(model)
     erase_names = list(cs.erase)
     s = gcirs.Settings(**dict(methods.settings("sepme", model), cap=1, warmup=0))
@@ -232,40 +236,43 @@ def derived(rows: dict, profile: str) -> list[dict]:
 
 
 def notebook_counts(P: dict) -> dict:
-    """Per notebook on SD: (images sampled, reference images, training steps, closed-form solves), read from each
+    """Per notebook on SD: (images sampled, reference images, SepME training steps, G-CiRs / fine-tuning steps,
+    closed-form solves), read from each
     notebook's SD path and rounded (grids and guidance sweeps counted approximately). Training at the step cap
-    (``sd_cap`` in ci, the paper's 1000 otherwise): an upper bound, Eq. 4 may stop earlier."""
+    (``sd_cap`` in ci, the paper's 1000 otherwise; notebook 06 in full: ESD-x 1000, Ablating 200, FMN 35,
+    All-but-One 200 steps): an upper bound, Eq. 4 may stop earlier."""
     E, V, n, nt, g = E_SD, V_SD, P["images_per_concept"], P["table_images"], P["grid"]
     cap = P["sd_cap"] or gcirs.Settings().cap
     ft = 20 if P["sd_cap"] else 1000 + 200 + 35 + 200  # notebook 06: ESD-x, Ablating, FMN, All-but-One
     return {
-        "00_setup_and_tour": (V * g + 8 + 5 * n + V * n, E * g, 0, 0),
-        "01_diffusion_basics": (4 * n + 5, E * 8, 0, 0),
-        "02_gcirs_correlation_loss": (16 + 2 * V * n, E * P["n_ref"], 2 * cap, 0),
-        "03_weight_decoupling_nullspace": (8 * 4 + 2 ** E * V * nt, E * P["n_ref"], 3 * cap + 2 * 20, 0),
-        "04_iterative_erasure_and_restoration": (8 * 4 + 4 * V * n + 5 * n, E * P["n_ref"], 3 * cap, 0),
-        "05_interactive_combination": (3 * n, E * P["n_ref"], 3 * cap, 0),
-        "06_relatives_closed_form_and_baselines": (8 * V * n + 6 * n + 48, (1 + E) * P["n_ref"], ft, 12),
-        "07_evaluation_and_reproduction": (V * n + 2 ** E * V * nt + 8, E * P["n_ref"], 3 * cap, 0),
-        "08_beyond_prompt_level_separability": (3 * 8 * 3, E * P["n_ref"], 3 * cap, 3),
+        "00_setup_and_tour": (V * g + 8 + 5 * n + V * n, E * g, 0, 0, 0),
+        "01_diffusion_basics": (4 * n + 5, E * 8, 0, 0, 0),
+        "02_gcirs_correlation_loss": (16 + 2 * V * n, E * P["n_ref"], 0, 2 * cap, 0),
+        "03_weight_decoupling_nullspace": (8 * 4 + 2 ** E * V * nt, E * P["n_ref"], 3 * cap + 2 * 20, 0, 0),
+        "04_iterative_erasure_and_restoration": (8 * 4 + 4 * V * n + 5 * n, E * P["n_ref"], 2 * cap, cap, 0),
+        "05_interactive_combination": (3 * n, E * P["n_ref"], 3 * cap, 0, 0),
+        "06_relatives_closed_form_and_baselines": (8 * V * n + 6 * n + 48, (1 + E) * P["n_ref"], 0, ft, 12),
+        "07_evaluation_and_reproduction": (V * n + 2 ** E * V * nt + 8, E * P["n_ref"], 3 * cap, 0, 0),
+        "08_beyond_prompt_level_separability": (3 * 8 * 3, E * P["n_ref"], 3 * cap, 0, 3),
     }
 
 
 def notebook_estimates(rows: dict, profile: str) -> list[dict]:
     P = config.profile(profile, "sd")
     img = _image_s(rows, P["sample_steps"])
-    step = rows["train_sepme"]["seconds"]
+    step, gstep = rows["train_sepme"]["seconds"], rows["train_gcirs"]["seconds"]
     solve = max(rows[m]["seconds"] for m in ("uce", "rece", "speed"))
     out = []
-    for nb, (imgs, refs, train_steps, solves) in notebook_counts(P).items():
-        secs = rows["load"]["seconds"] + (imgs + refs) * img + train_steps * step + solves * solve
-        peak = max([rows["ddim_image"]["peak_mem_gib"]] + [rows[o]["peak_mem_gib"] for o in ("train_sepme",
-                                                                                             "train_gcirs")
-                                                                 if train_steps])
+    for nb, (imgs, refs, sep_steps, g_steps, solves) in notebook_counts(P).items():
+        secs = rows["load"]["seconds"] + (imgs + refs) * img + sep_steps * step + g_steps * gstep + solves * solve
+        peaks = [rows["ddim_image"]["peak_mem_gib"]] + ([rows["train_sepme"]["peak_mem_gib"]] if sep_steps else [])
+        peaks += [rows["train_gcirs"]["peak_mem_gib"]] if g_steps else []
         out.append(dict(notebook=nb, profile=profile, measured=False, seconds=secs, hours=secs / 3600,
-                        peak_mem_gib=peak, images=imgs + refs, train_steps=train_steps, closed_form_solves=solves,
-                        basis=f"load + {imgs + refs} images x {img:.3g} s ({P['sample_steps']} steps) + "
-                              f"{train_steps} training steps x {step:.3g} s + {solves} solves x {solve:.3g} s"))
+                        peak_mem_gib=max(peaks), images=imgs + refs, train_steps=sep_steps + g_steps,
+                        closed_form_solves=solves,
+                        basis=f"load + {imgs + refs} images x {img:.3g} s ({P['sample_steps']} steps) + {sep_steps} "
+                              f"SepME steps x {step:.3g} s + {g_steps} G-CiRs/fine-tuning steps x {gstep:.3g} s + "
+                              f"{solves} solves x {solve:.3g} s"))
     return out
 
 
