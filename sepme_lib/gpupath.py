@@ -301,6 +301,9 @@ def gpu_path(model_path: str, device=None, dtype=None, isolate: bool = True, rep
         dtype = config.default_dtype(model_path, dev)
     if dtype in ("fp32", "float32"):
         dtype = None
+    if dtype is not None and dev.type != "cuda":
+        raise BadValue(f"--dtype {dtype} is for a CUDA GPU; on {dev.type} the models run in fp32: pass --dtype fp32 "
+                       "(or leave it out), or --device cuda on a GPU machine")
     if not Path(model_path).expanduser().exists():
         raise BadValue(f"--model {model_path!r} is not a folder here; build the full-size random SD 1.4 with "
                        "`python -m sepme_lib.random_sd DIR --size full` and pass DIR/pipeline (or a real SD folder)")

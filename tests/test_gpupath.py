@@ -70,6 +70,15 @@ def test_gpu_path_prints_every_row_on_the_small_random_sd(random_sd_folder, caps
     assert all(math.isfinite(n["seconds"]) and n["seconds"] > 0 and n["basis"] for n in nbs)
 
 
+def test_gpu_path_refuses_what_it_cannot_measure(random_sd_folder, tmp_path):
+    with pytest.raises(BadValue, match="--dtype fp16 is for a CUDA GPU"):
+        gpupath.gpu_path(str(random_sd_folder["pipeline"]), "cpu", "fp16")
+    with pytest.raises(BadValue, match="random_sd DIR --size full"):
+        gpupath.gpu_path(str(tmp_path / "missing"), "cpu")
+    with pytest.raises(BadValue, match="op must be one of"):
+        gpupath.measure("nope", str(random_sd_folder["pipeline"]), "cpu")
+
+
 def test_gpu_path_op_runs_in_its_own_process(random_sd_folder):
     row = gpupath.measure_isolated("null_space", str(random_sd_folder["pipeline"]), "cpu", repeats=1)
     assert row["op"] == "null_space" and row["measured"] and row["peak_mem_gib"] > 0
