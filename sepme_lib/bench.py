@@ -11,6 +11,9 @@
   increments ``data/deltas/sepme1_<style>.safetensors`` (``sepme.bundled_deltas``).
 * ``separability`` -- held-out (concept-level) separability of SepME, SPEED, UCE, MACE; speed; trade-off curve
   (``separability.benchmark``, notebook 08).
+* ``gpu-path`` -- time and peak memory of every SD operation of the notebooks, and each notebook's estimate
+  (``gpupath``; ``--save`` writes ``data/results/gpu_path_<cpu|cuda>.json``).
+* ``capacity`` -- the null space left at SD 1.4's and SDXL's dimensions (``nullspace.capacity_rows``, notebook 03).
 
 ``--json`` prints one JSON object instead of markdown; ``--save`` writes ``data/results/<what>_<profile>.json``.
 Every number comes from the public API (``erase``, ``acc_table``, ``combine``), as in the notebooks.
@@ -25,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from . import config, gcirs, methods, nullspace, report, separability, sepme, world
+from . import config, gcirs, gpupath, methods, nullspace, report, separability, sepme, world
 from .classifier import accuracy, load_classifier
 from .concepts import make_concepts
 from .evaluate import acc_table, combination_table, eval_prompts, generate, others_mean, redteam_probe
@@ -310,6 +313,19 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("separability", parents=[common, prof], help="held-out separability, speed, trade-off curve")
     sp.add_argument("--entries", default=None, help=f"comma-separated subset of {', '.join(separability.SPECS)}")
     sp.add_argument("--no-curve", action="store_true", help="skip the trade-off curve")
+    gp = sub.add_parser("gpu-path", parents=[common], help="time and peak memory of each SD operation (gpupath)")
+    gp.add_argument("--model", required=True, help="a diffusers SD 1.x folder, e.g. the full-size random SD 1.4 of "
+                                                   "`python -m sepme_lib.random_sd DIR --size full` (DIR/pipeline)")
+    gp.add_argument("--device", default=None, help="cpu or cuda (default: config.get_device)")
+    gp.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default: config.default_dtype")
+    gp.add_argument("--repeats", type=config.positive_int, default=3, help="timed runs after the warm-up")
+    gp.add_argument("--slow-s", type=float, default=60.0, help="an op whose warm-up takes longer is timed once")
+    gp.add_argument("--steps", type=config.positive_int, default=3, help="DDIM steps timed (50 extrapolated)")
+    gp.add_argument("--images", type=config.positive_int, default=None, help="images per sampling batch "
+                                                                              "(default: 1 on a CPU, else 8)")
+    gp.add_argument("--in-process", action="store_true", help="all ops in this process (faster; CPU peaks "
+                                                              "less exact) instead of one subprocess per op")
+    sub.add_parser("capacity", parents=[common], help="null-space capacity at SD 1.4's and SDXL's dimensions")
     return ap
 
 
@@ -317,6 +333,8 @@ def main(argv=None):
     args = parser().parse_args(argv)
     prof = config.profile(getattr(args, "profile", None))["name"]
     path = config.RESULTS / f"{args.what}_{prof}.json"
+    if args.what == "gpu-path":
+        path = config.RESULTS / f"gpu_path_{config.get_device(args.device).type}.json"
     if args.what == "relatives" and args.methods:
         methods_ = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods_ if m not in methods.METHODS]
@@ -354,6 +372,14 @@ def main(argv=None):
         res = separability.benchmark(prof, entries, curve=not args.no_curve,
                                      checkpoint=(lambda out: save(dict(out, complete=False))) if args.save else None)
         res["complete"] = True
+    elif args.what == "gpu-path":
+        res = gpupath.gpu_path(args.model, args.device, args.dtype, not args.in_process, args.repeats, args.slow_s,
+                               args.steps, args.images, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        res["command"] = "python -m sepme_lib.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        res["markdown"] = gpupath.markdown(res)
+    elif args.what == "capacity":
+        res = dict(rows=nullspace.capacity_rows())
+        res["markdown"] = nullspace.capacity_markdown(res["rows"])
     elif args.what == "relatives":
         res = relatives_benchmark(prof, methods_=methods_)
         if args.save and methods_ and path.exists():

@@ -132,8 +132,10 @@ def check_capacity(ns: NullSpace, n_prompts: int, name: str, minimum: int) -> No
     if ns.dim < minimum:
         raise CapacityError(
             f"the null space left for concept {name!r} has dimension {ns.dim} (= d_in {d_in} - rank {ns.rank} of "
-            f"{n_prompts} protected prompts), below the minimum {minimum}. Protect fewer prompts, use a "
-            "shorter tokenizer length, erase in several iterative stages (mode='iterative')"
+            f"{n_prompts} protected prompts, each adding up to L - 1 rows: capacity(d_in, L, k)), below the minimum "
+            f"{minimum}. Protect fewer rows: fewer prompts per concept (make_concepts(..., n_prompts=1)) or fewer "
+            "protected prompts; or use concept-level protection (erase(..., **methods.concept_level(model)): the other "
+            "concepts in a soft null space, notebook 08); or erase in several iterative stages (mode='iterative')"
             + (f", or raise the soft cut (soft={ns.soft:g}; {ns.exact_dim} dimensions before it)"
                if ns.exact_dim is not None else "") + ".")
 
@@ -232,3 +234,61 @@ def capacity_table(model, prompt_sets) -> list[dict]:
         ns = null_space(A)
         rows.append(dict(prompts=len(prompts), rows=A.shape[0], rank=ns.rank, null_dim=ns.dim))
     return rows
+
+
+# ------------------------------------------------------------------------------------------------- capacity
+# (d_in of attn2 to_k/to_v, tokenizer length L) of the model families the course talks about
+FAMILY_DIMS = {"SD 1.4": (768, 77), "SDXL": (2048, 77)}
+
+
+def capacity(d_in: int, tokens: int, prompts: int, min_null_dim: int = 16) -> dict:
+    """The null space left by ``prompts`` protected prompts (``c_0`` counted) with every row protected:
+    ``d_in - (k (L - 1) + 1)`` -- the BOS row is the same for every prompt (the text encoder is causal), each prompt adds
+    its other ``L - 1`` rows. A lower bound of the measured dimension (equal where the rows are independent, as for
+    CLIP's; prompts sharing a longer prefix share those rows too and leave more). Also ``max_prompts``, the largest ``k`` that still leaves ``min_null_dim``, and ``fits``."""
+    for name, v, lo in (("d_in", d_in, 1), ("tokens", tokens, 2), ("prompts", prompts, 0), ("min_null_dim", min_null_dim, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise BadValue(f"capacity: {name} must be a whole number >= {lo}, got {v!r}")
+    rows = prompts * (tokens - 1) + 1 if prompts else 0
+    null = max(0, d_in - rows)
+    return dict(d_in=d_in, tokens=tokens, prompts=prompts, rows=rows, null_dim=null, min_null_dim=min_null_dim,
+                fits=null >= min_null_dim, max_prompts=max(0, (d_in - 1 - min_null_dim) // (tokens - 1)))
+
+
+def max_concepts(d_in: int, tokens: int, prompts_per_concept: int, min_null_dim: int = 16) -> int:
+    """The most concepts SepME's separate mode can erase when each concept has ``prompts_per_concept`` prompts: each
+    increment protects ``c_0`` and every other concept's prompts, ``k = 1 + p (n - 1)``."""
+    kmax = capacity(d_in, tokens, 0, min_null_dim)["max_prompts"]
+    return 0 if kmax < 1 else 1 + (kmax - 1) // prompts_per_concept
+
+
+def capacity_rows(families=None, min_null_dim: int = 16, prompts_per_concept: int = 4, concepts: int = 3) -> list[dict]:
+    """Notebook 03's capacity table: per family, the largest number of protected prompts and of concepts (one prompt
+    each, and ``prompts_per_concept`` each), and the null dimension of ``concepts`` concepts and of one more."""
+    out = []
+    for fam, (d_in, L) in (families or FAMILY_DIMS).items():
+        k = 1 + prompts_per_concept * (concepts - 1)
+        out.append(dict(family=fam, d_in=d_in, tokens=L, min_null_dim=min_null_dim,
+                        max_prompts=capacity(d_in, L, 1, min_null_dim)["max_prompts"],
+                        max_concepts_1_prompt=max_concepts(d_in, L, 1, min_null_dim),
+                        prompts_per_concept=prompts_per_concept,
+                        max_concepts=max_concepts(d_in, L, prompts_per_concept, min_null_dim),
+                        concepts=concepts, null_dim=capacity(d_in, L, k)["null_dim"],
+                        null_dim_next=capacity(d_in, L, k + prompts_per_concept)["null_dim"]))
+    return out
+
+
+def capacity_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    r0 = rows[0]
+    p, n = r0["prompts_per_concept"], r0["concepts"]
+    head = ["family", "d_in", "L", "max protected prompts", "max concepts (1 prompt each)",
+            f"max concepts ({p} prompts each)", f"null dim, {n} concepts x {p}", f"null dim, {n + 1} concepts x {p}"]
+    lines = [f"Capacity with every row protected, null dim = d_in - (k(L-1)+1), minimum {r0['min_null_dim']} "
+             "(SepME's separate mode: each increment protects c_0 and the other concepts' prompts)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['family']} | {r['d_in']} | {r['tokens']} | {r['max_prompts']} | "
+                     f"{r['max_concepts_1_prompt']} | {r['max_concepts']} | {r['null_dim']} | {r['null_dim_next']} |")
+    return "\n".join(lines)

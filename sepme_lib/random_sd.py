@@ -7,20 +7,80 @@ random weights: a ``UNet2DConditionModel`` with cross-attention, an ``Autoencode
 ``StableDiffusionPipeline.save_pretrained`` (``DIR/pipeline``), and a tiny random ``CLIPModel`` for the zero-shot judge
 (``DIR/clip``). Images are noise; the plumbing is what is tested. Text width 256 with 16 tokens keeps the null spaces
 of three concepts x four prompts wide (as SD's 768 with 77 tokens does).
+
+``--size full`` (``size="full"``) builds Stable Diffusion 1.4 at its real size instead, from its configs written out
+here (:data:`SD14`): the UNet (320/640/1280/1280 channels, cross-attention 768, 8 heads), the CLIP ViT-L/14 text
+encoder (768 wide, 12 layers, 77 tokens, vocabulary 49408), the 4-channel VAE and SD 1.4's PNDM scheduler config --
+about 1.07 billion random parameters (4.3 GB in float32), the real shapes, memory and time, for
+``python -m sepme_lib.bench gpu-path``. Its tokenizer is built offline too: the word-level vocabulary of the small
+stand-in, padded with unused entries to CLIP's 49408, so the embedding table has the real size (the real BPE merges
+are not reproduced: prompts tokenize into other, usually fewer, tokens; every prompt is still padded to 77).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .concepts import CONCEPT_SETS
+from .config import BadValue
 from .model import T2IModel
 from .train_tiny import tiny_tokenizer_files
+
+SIZES = ("small", "full")
+CLIP_VOCAB = 49408  # CLIP ViT-L/14's vocabulary size
+
+# Stable Diffusion 1.4 (CompVis/stable-diffusion-v1-4), the values of its unet/, vae/, text_encoder/ and scheduler/
+# config.json files: parameters 859.52M (UNet), 83.65M (VAE), 123.06M (text encoder).
+SD14 = dict(
+    unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+              down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+              attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu", center_input_sample=False,
+              downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1),
+    vae=dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+             latent_channels=4, norm_num_groups=32, act_fn="silu", sample_size=512, scaling_factor=0.18215),
+    text=dict(vocab_size=CLIP_VOCAB, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+              bos_token_id=0, eos_token_id=1, pad_token_id=1),
+    scheduler=dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
+                   steps_offset=1),
+    tokens=77,
+)
+SD14_PARAMETERS = dict(unet=859_520_964, vae=83_653_863, text_encoder=123_060_480)  # the released model's counts
+
+
+def check_size(size) -> str:
+    if size not in SIZES:
+        raise BadValue(f"size must be one of {SIZES} ('small': the few-layer test stand-in; 'full': SD 1.4's real "
+                       f"architecture), got {size!r}")
+    return size
+
+
+def full_parts(vocab_size: int = CLIP_VOCAB):
+    """SD 1.4's ``unet, vae, text_encoder`` (random weights, on the current default device: build them under
+    ``torch.device("meta")`` to count parameters without allocating them) and its scheduler."""
+    unet = UNet2DConditionModel(**SD14["unet"])
+    vae = AutoencoderKL(**SD14["vae"])
+    text = CLIPTextModel(CLIPTextConfig(**dict(SD14["text"], vocab_size=vocab_size)))
+    return unet, vae, text, PNDMScheduler.from_config(SD14["scheduler"])  # keeps clip_sample for DDIM
+
+
+def pad_vocabulary(directory: Path, size: int = CLIP_VOCAB) -> None:
+    """Pad ``directory/vocab.json`` with unused entries to ``size`` tokens (CLIP's embedding table size)."""
+    path = Path(directory) / "vocab.json"
+    vocab = json.loads(path.read_text())
+    for k in range(len(vocab), size):
+        vocab[f"<|unused{k}|>"] = k
+    path.write_text(json.dumps(vocab))
+
 
 EXTRA_WORDS = ("a", "an", "photo", "of", "cat", "dog", "car", "tree", "in", "the", "style", "painting", "by")
 
@@ -33,12 +93,20 @@ def sd_words() -> list[str]:
     return sorted({w for t in texts for w in t.lower().split()} | set(EXTRA_WORDS))
 
 
-def build_parts(directory: Path, seed: int = 0, tokens: int = 16, width: int = 256):
-    """Random ``unet, vae, text_encoder, tokenizer, scheduler`` of SD 1.x's architecture (small sizes)."""
+def build_parts(directory: Path, seed: int = 0, tokens: int = 16, width: int = 256, size: str = "small"):
+    """Random ``unet, vae, text_encoder, tokenizer, scheduler`` of SD 1.x's architecture: small sizes, or
+    ``size="full"``: SD 1.4's (:data:`SD14`; ``tokens`` and ``width`` are then 77 and 768)."""
+    check_size(size)
     tok_dir = Path(directory) / "tokenizer_files"
     tiny_tokenizer_files(sd_words(), tok_dir)
+    if size == "full":
+        pad_vocabulary(tok_dir)
+        tokens = SD14["tokens"]
     tok = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=tokens)
     torch.manual_seed(seed)
+    if size == "full":
+        unet, vae, text, sched = full_parts(len(tok))
+        return unet, vae, text, tok, sched
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -54,18 +122,21 @@ def build_parts(directory: Path, seed: int = 0, tokens: int = 16, width: int = 2
     return unet, vae, text, tok, sched
 
 
-def build_model(directory: Path, seed: int = 0, tokens: int = 16, width: int = 256, device="cpu") -> T2IModel:
+def build_model(directory: Path, seed: int = 0, tokens: int = 16, width: int = 256, device="cpu",
+                size: str = "small") -> T2IModel:
     """The random SD stand-in as a :class:`~sepme_lib.model.T2IModel` (without writing a pipeline folder)."""
-    unet, vae, text, tok, sched = build_parts(directory, seed, tokens, width)
-    return T2IModel(unet, text, tok, sched, vae=vae, name="random-sd", device=torch.device(device), guidance=7.5,
-                    sample_steps=4, family="sd")
+    unet, vae, text, tok, sched = build_parts(directory, seed, tokens, width, size)
+    return T2IModel(unet, text, tok, DDIMScheduler.from_config(sched.config), vae=vae,
+                    name="random-sd" if size == "small" else "random-sd14-full", device=torch.device(device),
+                    guidance=7.5, sample_steps=4 if size == "small" else 50, family="sd")
 
 
-def build_folder(directory, seed: int = 0, tokens: int = 16, width: int = 256) -> dict:
+def build_folder(directory, seed: int = 0, tokens: int = 16, width: int = 256, size: str = "small") -> dict:
     """Write ``directory/pipeline`` (a diffusers SD folder ``load_model`` reads) and ``directory/clip`` (a random
-    zero-shot judge ``load_classifier(model=..., path=...)`` reads); returns both paths."""
+    zero-shot judge ``load_classifier(model=..., path=...)`` reads; small in both sizes); returns both paths."""
     directory = Path(directory)
-    unet, vae, text, tok, sched = build_parts(directory, seed, tokens, width)
+    unet, vae, text, tok, sched = build_parts(directory, seed, tokens, width, size)
+    tokens = tok.model_max_length
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(directory / "pipeline")
@@ -86,8 +157,10 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("directory", type=Path, help="where to write pipeline/ and clip/")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", choices=SIZES, default="small",
+                    help="small: the few-layer test stand-in (default); full: SD 1.4's real architecture (4.3 GB)")
     args = ap.parse_args(argv)
-    out = build_folder(args.directory, args.seed)
+    out = build_folder(args.directory, args.seed, size=args.size)
     print(f"random SD pipeline: {out['pipeline']}\nrandom CLIP judge: {out['clip']}\n"
           f"use: MODEL={out['pipeline']} SEPME_CLIP={out['clip']}")
     return 0

@@ -25,6 +25,7 @@ LAYERS = [
     ["exercises"],
     ["train_tiny", "train_classifier"],
     ["random_sd"],
+    ["gpupath"],
     ["bench", "course", "scaleout"],
     ["cli"],
     ["__main__"],
