@@ -115,10 +115,15 @@ def _leakage_max(model, deltas) -> float:
                 if d.info.get("protected")), default=0.0)
 
 
-def bench_sepme(profile: str = "ci", progress: bool = True, checkpoint=None) -> dict:
+SEPME_SECTIONS = {"sepme1": "separate", "sepme2": "iterative"}
+
+
+def bench_sepme(profile: str = "ci", progress: bool = True, checkpoint=None, sections=None, previous=None) -> dict:
     """The paper's Tables 1-5 (+6 in ``full``) on the bundled world, every number from ``erase`` and ``acc_table``.
 
-    ``checkpoint(out)`` is called after each section with the results so far (``--save`` writes them)."""
+    ``checkpoint(out)`` is called after each section with the results so far (``--save`` writes them). ``sections``
+    (a subset of :data:`SEPME_SECTIONS`) with ``previous`` (an earlier result of the same profile) recomputes only those
+    sections on the earlier run's original ACC and keeps the rest, recording which sections were rerun and when."""
     checkpoint = checkpoint or (lambda out: None)
     prof = config.profile(profile)
     n, steps = prof["images_per_concept"], prof["sample_steps"]
@@ -127,6 +132,17 @@ def bench_sepme(profile: str = "ci", progress: bool = True, checkpoint=None) -> 
     evals = list(world.STYLES)
     t0 = time.time()
     concepts = make_concepts(model, ERASE_STYLES, n_ref=64)
+    if sections:
+        out = dict(previous, tau_by_mode={m: methods.mode_tau(model, m, len(concepts)) for m in SEPME_SECTIONS.values()})
+        out.setdefault("rerun", {})
+        for key in sections:
+            _sepme_section(out, key, model, clf, concepts, evals, n, steps, progress)
+            out["rerun"][key] = dict(command=f"python -m sepme_lib.bench sepme --profile {prof['name']} --sections "
+                                             f"{','.join(sections)} --save", version=config.VERSION,
+                                     settings=methods.settings("sepme", model), date=time.strftime("%Y-%m-%d"))
+            checkpoint(out)
+        out["markdown"] = report.sepme_markdown(out)
+        return out
     original = acc_table(model, clf, evals, n, steps=steps)
     out = dict(profile=prof["name"], images_per_concept=n, sample_steps=steps,
                settings=methods.settings("sepme", model), original=original, tables={},
@@ -141,16 +157,8 @@ def bench_sepme(profile: str = "ci", progress: bool = True, checkpoint=None) -> 
                            steps=d[0].info["steps"]))
     out["gcirs"] = g_rows
     checkpoint(out)
-    for key, mode in (("sepme1", "separate"), ("sepme2", "iterative")):
-        t = time.time()
-        ds = methods.erase(model, concepts, method="sepme", mode=mode, progress=progress,
-                           tau=methods.mode_tau(model, mode, len(concepts)))
-        train_s = time.time() - t
-        tab = combination_table(model, clf, ds, evals, n, steps=steps, original=original, progress=progress)
-        out[key] = dict(tab["summary"], leakage_max=_leakage_max(model, ds),
-                        seconds_per_concept=round(train_s / len(ds), 1),
-                        steps=[d.info.get("steps") for d in ds], l1=[round(d.l1_norm(), 4) for d in ds])
-        out["tables"][key] = tab["rows"]
+    for key in SEPME_SECTIONS:
+        _sepme_section(out, key, model, clf, concepts, evals, n, steps, progress)
         checkpoint(out)
     if prof["name"] == "full":
         out.update(sweeps(model, clf, concepts[:1], evals, n, steps, progress))
@@ -158,6 +166,20 @@ def bench_sepme(profile: str = "ci", progress: bool = True, checkpoint=None) -> 
     out["seconds"] = round(time.time() - t0, 1)
     out["markdown"] = report.sepme_markdown(out)
     return out
+
+
+def _sepme_section(out, key, model, clf, concepts, evals, n, steps, progress) -> None:
+    """Train ``SEPME_SECTIONS[key]``'s mode at its stop thresholds (``methods.mode_tau``) and judge every combination."""
+    mode = SEPME_SECTIONS[key]
+    t = time.time()
+    ds = methods.erase(model, concepts, method="sepme", mode=mode, progress=progress,
+                       tau=methods.mode_tau(model, mode, len(concepts)))
+    train_s = time.time() - t
+    tab = combination_table(model, clf, ds, evals, n, steps=steps, original=out["original"], progress=progress)
+    out[key] = dict(tab["summary"], leakage_max=_leakage_max(model, ds), seconds_per_concept=round(train_s / len(ds), 1),
+                    steps=[d.info.get("steps") for d in ds], l1=[round(d.l1_norm(), 4) for d in ds],
+                    stop_reason=[d.info.get("stop_reason") for d in ds])
+    out["tables"][key] = tab["rows"]
 
 
 def bench_joint(profile: str = "full", progress: bool = True) -> dict:
@@ -300,7 +322,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--images-per-concept", type=config.positive_int, default=50)
     q.add_argument("--steps", type=config.positive_int, default=None, help="DDIM steps (default: the model's)")
     q.add_argument("--guidance", type=float, default=None)
-    sub.add_parser("sepme", parents=[common, prof], help="Tables 1-6 on the bundled world")
+    se = sub.add_parser("sepme", parents=[common, prof], help="Tables 1-6 on the bundled world")
+    se.add_argument("--sections", default=None, help="comma-separated subset of sepme1,sepme2: recompute only those "
+                                                     "into the existing results file (the other sections are kept)")
     sub.add_parser("joint", parents=[common, prof], help="Table 3: SepME's joint mode, every combination")
     r = sub.add_parser("relatives", parents=[common, prof], help="SepME beside its relatives")
     r.add_argument("--methods", default=None, help="comma-separated subset of methods; with --save they replace their "
@@ -355,7 +379,13 @@ def main(argv=None):
     elif args.what == "quality":
         res = bench_quality(args.images_per_concept, args.steps, args.guidance)
     elif args.what == "sepme":
-        res = bench_sepme(prof, checkpoint=(lambda out: save(dict(out, complete=False))) if args.save else None)
+        sections = [x.strip() for x in args.sections.split(",") if x.strip()] if args.sections else None
+        if sections is not None and (not sections or set(sections) - set(SEPME_SECTIONS) or not path.exists()):
+            raise SystemExit(f"--sections: give some of {', '.join(SEPME_SECTIONS)} (got {args.sections!r}); they are "
+                             f"recomputed into the existing {path} (run without --sections first)")
+        previous = json.loads(path.read_text()) if sections else None
+        res = bench_sepme(prof, checkpoint=(lambda out: save(dict(out, complete=False))) if args.save else None,
+                          sections=sections, previous=previous)
         res["complete"] = True
     elif args.what == "joint":
         res = bench_joint(prof)

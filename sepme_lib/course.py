@@ -180,8 +180,9 @@ def _execute(nb, path: Path, timeout: int, store_widget_state: bool = True):
         """Runs :data:`SHELL_CHECK` (not stored, no execution count) before the first cell."""
 
         def preprocess_cell(self, cell, resources, index):
-            if index == 0:
+            if index == 0:  # execute_cell stores what it ran at the index given: put the notebook's cell back
                 self.execute_cell(nbformat.v4.new_code_cell(SHELL_CHECK), index, store_history=False)
+                self.nb.cells[index] = cell
             return super().preprocess_cell(cell, resources, index)
 
     ep = Checked(timeout=timeout, kernel_name="python3", record_timing=False, store_widget_state=store_widget_state)

@@ -255,7 +255,8 @@ def test_course_run_reports_a_failing_shell_line_and_a_malformed_notebook(tmp_pa
 
     src = tmp_path / "nbs"
     src.mkdir()
-    ok = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("!true\nx = 1"), nbformat.v4.new_code_cell("x + 1")])
+    ok = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# title"),
+                                         nbformat.v4.new_code_cell("!true\nx = 1"), nbformat.v4.new_code_cell("x + 1")])
     bad = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("!false\ny = 2"), nbformat.v4.new_code_cell("y")])
     nbformat.write(ok, src / "01_ok.ipynb")
     nbformat.write(bad, src / "02_shell.ipynb")
@@ -263,7 +264,9 @@ def test_course_run_reports_a_failing_shell_line_and_a_malformed_notebook(tmp_pa
     results = {r["name"]: r for r in course.run(src, tmp_path / "out", timeout=120, html_out=False)}
     assert results["01_ok"]["error"] is None
     ran = nbformat.read(tmp_path / "out" / "01_ok.ipynb", as_version=4)
-    assert [c.execution_count for c in ran.cells] == [1, 2]  # the runner's own check adds no execution count
+    # the runner's own check leaves every cell where it was and adds no execution count
+    assert [c.cell_type for c in ran.cells] == ["markdown", "code", "code"] and ran.cells[0].source == "# title"
+    assert [c.execution_count for c in ran.cells[1:]] == [1, 2] and ran.cells[2].outputs[0]["data"]["text/plain"] == "2"
     assert "!false exited with status 1" in results["02_shell"]["error"]
     assert "03_broken.ipynb" in results["03_broken"]["error"] and "not a readable notebook" in results["03_broken"]["error"]
     report = course.write_report(list(results.values()), tmp_path / "out")
