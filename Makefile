@@ -41,7 +41,7 @@ $(VENV)/.browser: $(VENV)/.lab
 # when it ends), then the browser test
 test: browser-deps $(VENV)/.browser
 	SEPME_THREADS=1 OMP_NUM_THREADS=1 $(MAKE) -j3 --output-sync=target test-unit test-notebooks test-sd
-	SEPME_SAMPLE_CACHE=$(abspath $(SAMPLE_CACHE)) $(MAKE) test-browser
+	SEPME_THREADS=1 OMP_NUM_THREADS=1 SEPME_SAMPLE_CACHE=$(abspath $(SAMPLE_CACHE)) $(MAKE) test-browser
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests/
