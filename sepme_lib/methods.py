@@ -202,6 +202,8 @@ def erase(model, concepts, method: str = "sepme", progress: bool = False, n_ref:
     if method == "sepme" and args.get("mode", "separate") not in sepme.MODES:
         raise MethodError(f"unknown mode {args['mode']!r}; use one of {', '.join(sepme.MODES)}")
     concepts = as_concepts(model, concepts, n_ref=n_ref)
+    if method == "sepme" and "tau" not in settings_:  # the mode's own stop thresholds (TAU_FACTORS), unless given
+        s["tau"] = mode_tau(model, args.get("mode", "separate"), len(concepts))
     if method == "sepme":
         out = sepme.sepme(model, concepts, settings=gcirs.Settings(**s), progress=progress, checkpoint=checkpoint,
                           **args)

@@ -257,3 +257,19 @@ def test_set_threads(monkeypatch):
             config.set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_erase_uses_each_modes_stop_thresholds_unless_tau_is_given(tiny):
+    """``methods.TAU_FACTORS``: on the bundled model SepME_2's stages stop at [tau, 2 tau, tau] and the joint loop at
+    2 tau (measured in notebooks 04 and 07); ``erase`` applies them by default, an explicit ``tau=`` wins."""
+    from sepme_lib import methods
+
+    tau = methods.DEFAULTS["sepme"]["tiny"]["tau"]
+    assert methods.mode_tau(tiny, "iterative", 3) == [tau, 2 * tau, tau]
+    assert methods.mode_tau(tiny, "joint", 3) == 2 * tau and methods.mode_tau(tiny, "separate", 3) == tau
+    assert methods.mode_tau("sd", "iterative", 3) == methods.DEFAULTS["sepme"]["sd"]["tau"]
+    cs = ["striped", "checkered"]
+    it = sm.erase(tiny, cs, method="sepme", mode="iterative", cap=3, batch=1, n_ref=4)
+    assert it[1].hparams["tau"] == [tau, 2 * tau]
+    given = sm.erase(tiny, cs, method="sepme", mode="joint", cap=3, batch=1, n_ref=4, tau=-1e-3)
+    assert given[0].hparams["tau"] == -1e-3
