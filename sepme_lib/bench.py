@@ -14,6 +14,7 @@
 * ``gpu-path`` -- time and peak memory of every SD operation of the notebooks, and each notebook's estimate
   (``gpupath``; ``--save`` writes ``data/results/gpu_path_<cpu|cuda>.json``).
 * ``capacity`` -- the null space left at SD 1.4's and SDXL's dimensions (``nullspace.capacity_rows``, notebook 03).
+* ``robustness`` -- every method under three attacks (``robustness.benchmark``, notebook 09); ``--save`` resumes.
 
 ``--json`` prints one JSON object instead of markdown; ``--save`` writes ``data/results/<what>_<profile>.json``.
 Every number comes from the public API (``erase``, ``acc_table``, ``combine``), as in the notebooks.
@@ -28,10 +29,28 @@ import time
 import numpy as np
 import torch
 
-from . import config, gcirs, gpupath, methods, nullspace, report, separability, sepme, world
+from . import (
+    config,
+    gcirs,
+    gpupath,
+    methods,
+    nullspace,
+    report,
+    robustness,
+    separability,
+    sepme,
+    world,
+)
 from .classifier import accuracy, load_classifier
 from .concepts import make_concepts
-from .evaluate import acc_table, combination_table, eval_prompts, generate, others_mean, redteam_probe
+from .evaluate import (
+    acc_table,
+    combination_table,
+    eval_prompts,
+    generate,
+    others_mean,
+    redteam_probe,
+)
 from .model import load_model
 from .perceptual import perceptual_distance
 from .widgets import benchmark_refresh
@@ -350,6 +369,8 @@ def parser() -> argparse.ArgumentParser:
     gp.add_argument("--in-process", action="store_true", help="all ops in this process (faster; CPU peaks "
                                                               "less exact) instead of one subprocess per op")
     sub.add_parser("capacity", parents=[common], help="null-space capacity at SD 1.4's and SDXL's dimensions")
+    rb = sub.add_parser("robustness", parents=[common, prof], help="every method x attack (notebook 09)")
+    rb.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(robustness.method_list())}")
     return ap
 
 
@@ -359,7 +380,7 @@ def main(argv=None):
     path = config.RESULTS / f"{args.what}_{prof}.json"
     if args.what == "gpu-path":
         path = config.RESULTS / f"gpu_path_{config.get_device(args.device).type}.json"
-    if args.what == "relatives" and args.methods:
+    if args.what == "relatives" and args.methods:  # (robustness checks its own --methods)
         methods_ = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods_ if m not in methods.METHODS]
         if not methods_ or unknown:
@@ -410,6 +431,11 @@ def main(argv=None):
     elif args.what == "capacity":
         res = dict(rows=nullspace.capacity_rows())
         res["markdown"] = nullspace.capacity_markdown(res["rows"])
+    elif args.what == "robustness":  # with --save, methods already in the saved file are kept, not rerun
+        res = robustness.benchmark(prof, args.methods and args.methods.split(","), progress=True,
+                                   previous=json.loads(path.read_text()) if args.save and path.exists() else None,
+                                   checkpoint=(lambda out: save(dict(out, complete=False))) if args.save else None)
+        res["complete"] = True
     elif args.what == "relatives":
         res = relatives_benchmark(prof, methods_=methods_)
         if args.save and methods_ and path.exists():

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
 from . import config, world
-from .config import BadValue
 from .concepts import CONCEPT_SETS
+from .config import BadValue
 
 HEADS = {"style": world.STYLES, "shape": world.SHAPES, "colour": world.COLOUR_NAMES}
 CLIP_DEFAULT = "openai/clip-vit-large-patch14"

@@ -28,7 +28,14 @@ import warnings
 import torch
 
 from . import config
-from .concepts import anchors_for, check_clashes, general_prompts, preserve_prompts, prompt_list
+from .attacks import derive_embedding, kv_weights  # noqa: F401 - closed_form.derive_embedding (notebook 06)
+from .concepts import (
+    anchors_for,
+    check_clashes,
+    general_prompts,
+    preserve_prompts,
+    prompt_list,
+)
 from .config import SepmeError
 from .deltas import Delta
 
@@ -151,27 +158,7 @@ def closed_form_edit(W, erase_keys, erase_targets, preserve_keys=None, lam: floa
     return (out["W"] if single else out), report
 
 
-def derive_embedding(W_new: dict, W_old: dict, c: torch.Tensor, reg: float = 1e-3) -> torch.Tensor:
-    """RECE Eq. (8): ``c' = (reg I + sum_i W_i'^T W_i')^-1 (sum_i W_i'^T W_i) c`` over the matrices ``W_i`` (every
-    attn2 to_k/to_v), row by row of ``c`` (``(..., d_in)``): the embedding that makes the edited model's keys and
-    values closest to what ``c`` gives the original model (notebook 06)."""
-    names = list(W_old)
-    d_in = W_old[names[0]].shape[1]
-    Wn = torch.cat([W_new.get(k, W_old[k]).detach().to("cpu", torch.float64) for k in names])  # stacked W'
-    Wo = torch.cat([W_old[k].detach().to("cpu", torch.float64) for k in names])  # stacked W
-    G = reg * torch.eye(d_in, dtype=torch.float64) + Wn.T @ Wn  # reg I + sum W'^T W'
-    H = Wn.T @ Wo  # sum W'^T W
-    flat = c.detach().to("cpu", torch.float64).reshape(-1, d_in)
-    out = torch.linalg.solve(G, H @ flat.T).T  # c' = G^-1 H c  (row-wise)
-    return out.reshape(c.shape).to(c.device, torch.float32)
-
-
 # ----------------------------------------------------------------------------------------- closed forms
-def kv_weights(model) -> dict:
-    """``{name: W}`` of every attn2 to_k/to_v (detached)."""
-    return {k: v.detach() for k, v in model.params(model.kv_weight_names()).items()}
-
-
 def _pair_rows(model, prompts, guides, keys):
     """Stack the key rows of ``prompts`` and the aligned rows of ``guides``: ``(K_e, C_g)``, both ``(n, d_in)``."""
     E, G = model.embed(prompts), model.embed(guides)

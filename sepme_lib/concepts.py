@@ -152,6 +152,9 @@ class Concept:
     prompts: list
     latents: torch.Tensor
     emb: torch.Tensor | None = field(default=None, repr=False)
+    # robust SepME (notebook 09): conditions the edited model reads in place of ``emb``'s rows (attack embeddings,
+    # each paired with the prompt it imitates); ``None``: the edited model reads ``emb`` as the frozen one does
+    edit_emb: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.prompts = [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
@@ -165,6 +168,9 @@ class Concept:
         if not isinstance(self.latents, torch.Tensor) or self.latents.dim() != 4 or len(self.latents) == 0:
             raise ConceptError(f"concept {self.name!r} needs reference latents (N, C, H, W) with N >= 1, got "
                                f"{tuple(self.latents.shape) if isinstance(self.latents, torch.Tensor) else self.latents!r:.60}")
+        if self.edit_emb is not None and (self.emb is None or self.edit_emb.shape != self.emb.shape):
+            raise ConceptError(f"concept {self.name!r}: edit_emb needs emb of the same shape (one frozen condition per "
+                               "edited one)")
         if not torch.isfinite(self.latents).all():
             raise ConceptError(f"concept {self.name!r}: its reference latents hold NaN or inf values; make them with "
                                "model.to_latent(images) from finite images in [-1, 1]")

@@ -14,11 +14,11 @@ import itertools
 import torch
 from tqdm.auto import tqdm
 
+from .attacks import derived_embeddings
 from .classifier import accuracy
-from .config import BadType, BadValue
-from .closed_form import derive_embedding, kv_weights
 from .concepts import concept_set
-from .deltas import combine, edited_weights
+from .config import BadType, BadValue
+from .deltas import edited_weights
 from .model import prompt_list
 from .nullspace import leakage
 
@@ -218,10 +218,7 @@ def redteam_embeddings(model, deltas, prompts, reg: float = 1e-3) -> torch.Tenso
     deltas = list(deltas)
     for d in deltas:
         d.check_base(model)
-    W0 = kv_weights(model)
-    total = combine(deltas)
-    Wn = {k: W0[k] + total[k].to(W0[k].device, W0[k].dtype) for k in W0 if k in total}
-    return derive_embedding(Wn, W0, model.embed(prompts), reg)
+    return derived_embeddings(model, deltas, model.embed(prompts), reg)
 
 
 def redteam_probe(model, judge, deltas, concept: str, n: int = 16, reg: float = 1e-3, steps=None, guidance=None,

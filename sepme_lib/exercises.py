@@ -23,17 +23,36 @@ import math
 import numpy as np
 import torch
 
+from . import closed_form as _closed_form  # 06
+from . import deltas as _deltas  # 07
+from . import evaluate as _evaluate
+from . import finetune as _finetune
 from . import gcirs, nullspace, sepme
+from . import methods as _methods
+from . import paper as _paper
+from . import perceptual as _perceptual
+from . import separability as _separability  # 00, 08
+from . import world as _world
 from .classifier import accuracy
 from .concepts import as_concepts
-from .evaluate import acc_table, eval_prompts, generate
 from .deltas import edited_weights
-from . import deltas as _deltas, evaluate as _evaluate, paper as _paper, perceptual as _perceptual  # 07
-from . import closed_form as _closed_form, finetune as _finetune, methods as _methods  # 06
-from . import separability as _separability, world as _world  # 00, 08
-
-from .exercise_kit import (CHECKS, RESULTS, ExerciseFailed, _CACHE, _judge, _model, _rand, check, exercise, expect,  # noqa: F401
-                           expect_close, ids, notebook_exercises, solution_blocks)
+from .evaluate import acc_table, eval_prompts, generate
+from .exercise_kit import (  # noqa: F401
+    _CACHE,
+    CHECKS,
+    RESULTS,
+    ExerciseFailed,
+    _judge,
+    _model,
+    _rand,
+    check,
+    exercise,
+    expect,
+    expect_close,
+    ids,
+    notebook_exercises,
+    solution_blocks,
+)
 
 
 # ------------------------------------------------------------------------------------------ notebook 00

@@ -142,7 +142,7 @@ def _frozen(model, X, T, E, E0, Ea=None):
         return e_0, concept_representation(e_c, e_0), concept_representation(e_a, e_0)
 
 
-def _pool(model, concepts, embs, aembs, c0, s, gen) -> list:
+def _pool(model, concepts, embs, aembs, c0, s, gen, edits) -> list:
     """``cache``: the first ``ceil(cache / batch)`` steps' batches (at most ``cap``) of every concept, drawn in the
     uncached loop's order, with their frozen outputs computed once, step by step as the uncached loop would (so a run
     that stops within the pool gives the same increments bit for bit); later steps cycle through them."""
@@ -152,7 +152,8 @@ def _pool(model, concepts, embs, aembs, c0, s, gen) -> list:
         X, T, E = (torch.cat([b[k] for b in bs]) for k in range(3))
         Ea = torch.cat([a[b[3]] for a, b in zip(aembs, bs)]) if aembs is not None else None
         e_0, r, r_a = _frozen(model, X, T, E, c0.expand(len(X), -1, -1), Ea)
-        out.append(dict(X=X, T=T, E=E, e_0=e_0, r=r, r_a=r_a))
+        Ee = torch.cat([d[b[3]] for d, b in zip(edits, bs)])
+        out.append(dict(X=X, T=T, E=E, Ee=Ee, e_0=e_0, r=r, r_a=r_a))
     return out
 
 
@@ -261,12 +262,13 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
     monitors = [MomentumStop(s.alpha, increments[owner[i]].tau, s.warmup, s.cap) for i in range(len(concepts))]
     stopped: list = [None] * len(concepts)
     embs = [c.embedding(model) for c in concepts]
+    edits = [c.edit_emb if c.edit_emb is not None else e for c, e in zip(concepts, embs)]  # what the edited pass reads
     c0 = model.empty()
     hist = dict(step=[], lcor=[[] for _ in concepts], eta=[[] for _ in concepts], lmom=[[] for _ in concepts])
     if anchor:
         hist["monitored"] = "anchor residual"  # hist["lcor"] then holds the anchor residuals
     t_start = time.time()
-    pool = _pool(model, concepts, embs, aembs, c0, s, gen) if s.cache else None
+    pool = _pool(model, concepts, embs, aembs, c0, s, gen, edits) if s.cache else None
     step = 0
     stage = None
     if checkpoint is not None:  # resume from the last save of this loop, if any
@@ -285,7 +287,7 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
         if pool is not None:  # 1.-2. from the cache: the computed concepts' rows of this step's pool entry
             p = pool[step % len(pool)]
             rows = torch.cat([torch.arange(i * s.batch, (i + 1) * s.batch) for i in computed])
-            X, T, E, e_0, r = (p[k][rows] for k in ("X", "T", "E", "e_0", "r"))
+            X, T, E, Ee, e_0, r = (p[k][rows] for k in ("X", "T", "E", "Ee", "e_0", "r"))
             r_a = p["r_a"][rows] if anchor else None
             E0 = c0.expand(len(X), -1, -1)
         else:
@@ -294,6 +296,7 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
             X = torch.cat([b[0] for b in batches])
             T = torch.cat([b[1] for b in batches])
             E = torch.cat([b[2] for b in batches])
+            Ee = torch.cat([edits[i][b[3]] for i, b in zip(computed, batches)])
             E0 = c0.expand(len(X), -1, -1)
             # 2. frozen representations r_theta(c), no gradient
             if anchor:
@@ -308,9 +311,9 @@ def train(model, concepts, increments, owner, s, skip_empty: bool, progress: boo
                for inc in increments]
         weights = {k: (w.detach().float() + sum(d[k] for d in dws if k in d)).to(w.dtype) for k, w in base.items()}
         if skip_empty:
-            r_new = concept_representation(model.eps(X, T, E, weights), e_0)
+            r_new = concept_representation(model.eps(X, T, Ee, weights), e_0)
         else:
-            e_c_new, e_0_new = model.eps(torch.cat([X, X]), torch.cat([T, T]), torch.cat([E, E0]), weights).chunk(2)
+            e_c_new, e_0_new = model.eps(torch.cat([X, X]), torch.cat([T, T]), torch.cat([Ee, E0]), weights).chunk(2)
             r_new = concept_representation(e_c_new, e_0_new)
         # 4. eta-balanced correlation losses over the active concepts, + L1 on the training increments
         rs, rns = r.split(s.batch), r_new.split(s.batch)

@@ -99,8 +99,19 @@ CONCEPT_LEVEL = {"tiny": dict(protection="concept", soft=1e-6, target="anchor", 
                               cap=150),
                  "sd": dict(protection="concept", soft=1e-4, target="anchor", anchor_tau=0.3, cache=64)}
 
+# Robust SepME (beyond the paper, notebook 09; erase(..., method="sepme", robust=True) or a dict of overrides): rounds of
+# attack -> train on what was found (sepme.harden). Tiny: measured in data/results/robustness_full.json (README,
+# "Erased or hidden?"). SD: the same recipe, not measured (no SD weights here).
+ROBUST = {"tiny": dict(rounds=2, attacks=("derived", "inversion"), inversion_steps=100, reg=1e-3),
+          "sd": dict(rounds=2, attacks=("derived", "inversion"), inversion_steps=300, reg=1e-3)}
+# The attacks' budgets (attacks.run's settings) per family: notebook 09 and `bench robustness`.
+ATTACK_BUDGETS = {"tiny": {"derived": dict(reg=1e-3), "inversion": dict(steps=300, lr=5e-3, batch=4),
+                           "prompt_search": dict(tokens=3, sweeps=1, batch=8, candidates=0)},
+                  "sd": {"derived": dict(reg=1e-3), "inversion": dict(steps=1000, lr=5e-3, batch=1),
+                         "prompt_search": dict(tokens=3, sweeps=1, batch=4, candidates=256)}}
+
 # arguments each method takes besides its settings (prompt sets and switches, not hyper-parameters)
-ARGUMENTS = {"sepme": ("mode", "protect", "anchor", "prior"), "gcirs": ("params",), "esd": (),
+ARGUMENTS = {"sepme": ("mode", "protect", "anchor", "prior", "robust"), "gcirs": ("params",), "esd": (),
              "ablating": ("anchor",), "fmn": ("words",), "all_but_one": ("anchor", "instructions"),
              "uce": ("anchor", "preserve"), "rece": ("anchor", "preserve"), "mace": ("mapped", "preserve", "general"),
              "speed": ("anchor", "prior")}
@@ -204,6 +215,11 @@ def erase(model, concepts, method: str = "sepme", progress: bool = False, n_ref:
     concepts = as_concepts(model, concepts, n_ref=n_ref)
     if method == "sepme" and "tau" not in settings_:  # the mode's own stop thresholds (TAU_FACTORS), unless given
         s["tau"] = mode_tau(model, args.get("mode", "separate"), len(concepts))
+    if method == "sepme" and args.get("robust") not in (None, False):
+        extra = args["robust"] if isinstance(args["robust"], dict) else {}
+        args["robust"] = dict(ROBUST[model.family], **extra) if args["robust"] is True or extra else args["robust"]
+    elif method == "sepme":
+        args.pop("robust", None)
     if method == "sepme":
         out = sepme.sepme(model, concepts, settings=gcirs.Settings(**s), progress=progress, checkpoint=checkpoint,
                           **args)

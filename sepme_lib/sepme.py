@@ -29,10 +29,20 @@ Beyond the paper (notebook 08; settings of ``gcirs.Settings``, the paper's behav
 """
 from __future__ import annotations
 
-from . import config
+import torch
+
+from . import attacks, config
+from .concepts import (
+    Concept,
+    ConceptError,
+    anchors_for,
+    caption_split,
+    check_clashes,
+    concept_set,
+    prior_captions,
+    prompt_list,
+)
 from .config import BadValue
-from .concepts import (Concept, ConceptError, anchors_for, caption_split, check_clashes, concept_set, prior_captions,
-                       prompt_list)
 from .deltas import Delta
 from .gcirs import Settings, gcirs, to_delta, train
 from .nullspace import decoupled_increment
@@ -73,8 +83,56 @@ def concept_level(model, concepts, prior=None):
     return train, priors
 
 
+ROBUST_KEYS = {"rounds": int, "attacks": (list, tuple), "inversion_steps": int, "reg": float}
+
+
+def check_robust(robust, mode: str) -> dict | None:
+    """``robust``: ``None`` or a dict of :data:`ROBUST_KEYS` (``methods.ROBUST`` fills the family's defaults)."""
+    if robust is None:
+        return None
+    if not isinstance(robust, dict) or set(robust) - set(ROBUST_KEYS):
+        raise BadValue(f"robust must be None, True or a dict with keys {sorted(ROBUST_KEYS)}, got {robust!r:.80}")
+    if mode != "separate":
+        raise BadValue(f"robust SepME trains each increment alone: use mode='separate', not {mode!r}")
+    bad = [a for a in robust.get("attacks", ()) if a not in ("derived", "inversion")]
+    if bad or not robust.get("attacks"):
+        raise BadValue(f"robust attacks must be a non-empty list of 'derived' and 'inversion', got {robust.get('attacks')}")
+    if not isinstance(robust.get("rounds"), int) or isinstance(robust["rounds"], bool) or robust["rounds"] < 1:
+        raise BadValue(f"robust rounds must be a whole number >= 1, got {robust.get('rounds')!r}")
+    return robust
+
+
+def harden(model, concept: Concept, inc, s: Settings, robust: dict, progress: bool = True) -> list:
+    """Robust SepME (beyond the paper, notebook 09): ``robust["rounds"]`` rounds of (1) attack the increment as it is
+    (RECE's derived ``c'`` and/or textual inversion, :mod:`attacks`), (2) add each condition the attacks found to the
+    concept's training set, paired with the prompt it imitates (the frozen model's ``r_theta(prompt)`` is what the
+    edited model's ``r_{theta+dtheta}(c')`` must decorrelate from), (3) train the same ``w`` further (Eq. 10: still
+    ``dW = beta w S^T`` in the same null space, so the certificate on ``A`` stays exact and the increments stay
+    separable). The found conditions accumulate over rounds, as RECE's do. Returns one record per round."""
+    base = concept.embedding(model)
+    frozen, edited, record = [base], [base], []
+    for r in range(robust["rounds"]):
+        current = to_delta(model, inc, concept.name, "sepme1", s, None)
+        for name in robust["attacks"]:
+            if name == "derived":
+                found = attacks.derived_embeddings(model, [current], base, robust.get("reg", 1e-3))
+            else:
+                found = attacks.inversion(model, [current], concept, concept.prompts, steps=robust["inversion_steps"],
+                                          seed=s.seed + r)["embeddings"]
+            frozen.append(base)
+            edited.append(found)
+        hard = Concept(concept.name, concept.prompts * len(frozen), concept.latents, emb=torch.cat(frozen),
+                       edit_emb=torch.cat(edited))
+        inc.stopped_at = None
+        hist = train(model, [hard], [inc], [0], s, skip_empty=True, progress=progress,
+                     desc=f"robust SepME {concept.name} round {r + 1}")
+        record.append(dict(round=r + 1, steps=inc.stopped_at, conditions=len(hard.prompts),
+                           stop=inc.info.get("stop_reason"), final_lmom=hist["lmom"][0][-1]))
+    return record
+
+
 def sepme(model, concepts, mode: str = "separate", settings: Settings | None = None, protect=(), anchor=None,
-          progress: bool = True, checkpoint=None, prior=None) -> list[Delta]:
+          progress: bool = True, checkpoint=None, prior=None, robust: dict | None = None) -> list[Delta]:
     """SepME: one :class:`Delta` per concept, ``dW_i = beta w_i S_i^T`` on every attn2 to_k/to_v (Algorithm 2).
 
     ``settings``: a :class:`Settings` (``erase(..., method="sepme")`` fills it from ``methods.DEFAULTS`` for the
@@ -91,6 +149,7 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
     if not concepts:
         raise BadValue("sepme needs at least one concept")
     protect = prompt_list(protect, "protect")
+    robust = check_robust(robust, mode)
     concept_mode = s.protection == "concept"
     single = len(concepts) == 1 and mode in ("separate", "joint") and s.single == "anchors" and not concept_mode
     anchors = anchors_for(model, concepts[0], anchor) if single else []
@@ -129,7 +188,10 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
         else:
             hist = train(model, [c], [inc], [0], s, skip_empty=True, progress=progress, desc=f"SepME {c.name}",
                          checkpoint=checkpoint, anchors=None if targets is None else [targets[t]])
-            d = to_delta(model, inc, c.name, method, s, hist, e)
+            if robust is not None:
+                e = dict(e, robust=dict(robust, attacks=list(robust["attacks"]),
+                                        rounds_done=harden(model, c, inc, s, robust, progress)))
+            d = to_delta(model, inc, c.name, method + ("_robust" if robust is not None else ""), s, hist, e)
         deltas.append(d)
     return deltas
 

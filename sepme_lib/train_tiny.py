@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from torch.func import functional_call
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import config, world

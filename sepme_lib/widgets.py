@@ -39,14 +39,22 @@ import ipywidgets as W
 import numpy as np
 import torch
 
-from . import adapters as _adapters, world
+from . import adapters as _adapters
+from . import world
 from .classifier import HEADS, predict
 from .concepts import concept_set
 from .config import BadValue
 from .deltas import combine, edited_weights
 from .nullspace import leakage
 from .perceptual import perceptual_distance
-from .picture import MAX_TILE, MIN_TILE, grid_image, png_bytes, tile_scale, widget_picture  # noqa: F401
+from .picture import (  # noqa: F401
+    MAX_TILE,
+    MIN_TILE,
+    grid_image,
+    png_bytes,
+    tile_scale,
+    widget_picture,
+)
 
 WIDGET_STEPS = 8       # DDIM steps per refresh (see the module docstring for the measurement)
 WIDGET_GUIDANCE = None  # None -> the model's own guidance (config.TINY_GUIDANCE for the bundled model)

@@ -1,0 +1,156 @@
+"""Erased or only hidden? Every method of the library under the three attacks of :mod:`attacks`, per erased style
+(``python -m sepme_lib.bench robustness``; notebook 09).
+
+For each method (``methods.METHODS`` with their bundled-model defaults, plus SepME with concept-level protection and
+the robust SepME of ``sepme.harden``) and each erased style, one row per attack with the keys of :data:`ROW_KEYS`:
+
+* ``attack_acc`` -- the judge's ACC of the erased style on images the edited model draws from the attack's
+  conditions (attack success; the evaluation captions and seeds of ``acc_table``);
+* ``erased_acc`` -- ACC on the plain evaluation prompts; ``others_ratio`` -- the smallest over the style, colour and
+  shape heads of (mean over the other styles under the edit) / (the same on the original model);
+* ``heldout_protected_kv`` -- the largest key/value change on held-out captions of the other erased styles
+  (``separability.kv_metrics``); ``certified`` -- the largest change on the prompts the increment protects (SepME
+  only; ``None`` for methods without a certificate); ``cpu_s_per_concept`` -- CPU seconds of the erasure per concept;
+* beside them (SepME variants): ``span_share`` -- the mean share of the attack's conditions inside the span of the
+  protected rows (``attacks.span_share``), and ``span_acc`` -- the original model's ACC from that part alone.
+
+SepME variants erase the three styles in one call (one increment each, the paper's setting) and each increment is
+attacked alone; every other method erases each style alone. ``restoration_drift`` (SepME variants): the largest
+change of another erased style's ACC under one increment, against the original model.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import attacks, config, methods, report
+from .classifier import load_classifier
+from .concepts import concept_set, make_concepts
+from .evaluate import acc_heads
+from .model import load_model
+from .separability import kv_metrics
+
+ROW_KEYS = ("method", "concept", "attack", "attack_acc", "erased_acc", "others_ratio", "heldout_protected_kv",
+            "certified", "cpu_s_per_concept")
+STYLES = ("striped", "checkered", "dotted")
+SEPME_VARIANTS = {"sepme": {}, "sepme_concept": "concept", "sepme_robust": dict(robust=True)}
+# per profile: styles attacked, images per ACC, and the attacks' budgets that differ from methods.ATTACK_BUDGETS
+PROFILES = {"ci": dict(styles=STYLES[:1], n=10, budgets={"inversion": dict(steps=100),
+                                                         "prompt_search": dict(candidates=40)}),
+            "full": dict(styles=STYLES, n=20, budgets={})}
+
+
+def method_list() -> list:
+    """Every method of ``methods.METHODS`` (SepME as the paper's prompt-level default) and the two SepME variants."""
+    return list(methods.METHODS) + ["sepme_concept", "sepme_robust"]
+
+
+def _erase(model, method: str, cons: dict, styles, prof: dict, progress: bool):
+    """``{style: delta list}`` and CPU seconds per concept."""
+    c0 = time.process_time()
+    if method in SEPME_VARIANTS:
+        spec = SEPME_VARIANTS[method]
+        extra = methods.concept_level(model) if spec == "concept" else dict(spec)
+        ds = methods.erase(model, [cons[s] for s in styles], method="sepme", progress=progress, **extra)
+        out = {d.name: [d] for d in ds}
+    else:
+        over = methods.profile_settings(method, prof)
+        out = {s: methods.erase(model, [cons[s]], method=method, progress=progress, **over) for s in styles}
+    return out, (time.process_time() - c0) / len(styles)
+
+
+def others_ratio(heads: dict, original: dict, erased) -> float:
+    """min over the style/colour/shape heads of mean(head | others, edited) / mean(head | others, original)."""
+    others = [c for c in heads if c not in set(erased)]
+    ratios = []
+    for h in ("acc", "colour", "shape"):
+        if all(h in heads[c] for c in others):
+            base = np.mean([original[c][h] for c in others])
+            ratios.append(float(np.mean([heads[c][h] for c in others]) / max(base, 1e-9)))
+    return min(ratios)
+
+
+def benchmark(profile: str = "ci", method_names=None, progress: bool = False, model=None, judge=None, previous=None,
+              checkpoint=None) -> dict:
+    """The robustness table (module docstring) in ``profile`` (``ci``: striped, small budgets; ``full``: the three
+    styles, the budgets of ``methods.ATTACK_BUDGETS``). ``previous``: an earlier result of the same profile whose
+    methods are kept and not rerun; ``checkpoint(out)``: called after each method with the partial result."""
+    prof = dict(config.profile(profile), **PROFILES[profile])
+    names = method_list() if method_names is None else list(method_names)
+    unknown = [m for m in names if m not in method_list()]
+    if unknown:
+        raise methods.MethodError(f"unknown methods {unknown}; choose from {method_list()}")
+    model = model or load_model("tiny")
+    judge = judge or load_classifier(model=model)
+    n, steps, styles = prof["n"], prof["sample_steps"], list(prof["styles"])
+    budgets = {a: dict(methods.ATTACK_BUDGETS[model.family][a], **prof["budgets"].get(a, {})) for a in attacks.NAMES}
+    evals = list(concept_set(model).evaluate)
+    t_start = time.time()
+    cons = {c.name: c for c in make_concepts(model, STYLES, n_ref=prof["n_ref"])}
+    original = acc_heads(model, judge, evals, n, steps=steps)
+    if previous is not None and previous.get("profile") != profile:
+        raise config.BadValue(f"the saved results are of profile {previous.get('profile')!r}, not {profile!r}")
+    kept = {r["method"] for r in previous["rows"]} & set(names) if previous else set()
+    rows = [r for r in previous["rows"] if r["method"] in kept] if previous else []
+    drift = {k: v for k, v in (previous or {}).get("restoration_drift", {}).items() if k in kept}
+    for m in [m for m in names if m not in kept]:
+        # SepME variants always erase the three styles together (each increment protects the others' prompts)
+        by_style, cpu = _erase(model, m, cons, STYLES if m in SEPME_VARIANTS else styles, prof, progress)
+        drift_m = []
+        for s in styles:
+            ds = by_style[s]
+            heads = acc_heads(model, judge, evals, n, deltas=ds, steps=steps)
+            drift_m += [abs(heads[o]["acc"] - original[o]["acc"]) for o in STYLES if o != s]
+            kv = kv_metrics(model, ds[0], s, STYLES)
+            common = dict(method=m, concept=s, erased_acc=heads[s]["acc"], others_ratio=others_ratio(heads, original, [s]),
+                          heldout_protected_kv=kv["heldout_protected_kv_max"],
+                          certified=kv["certified_leakage_max"] if m in SEPME_VARIANTS else None,
+                          cpu_s_per_concept=round(cpu, 2))
+            for a in attacks.NAMES:
+                r = attacks.run(model, judge, ds, cons[s], a, n=n, steps=steps, **budgets[a])
+                row = dict(common, attack=a, attack_acc=r["acc"], budget=r["budget"], attack_seconds=r["seconds"],
+                           example=r["prompts"][0], span_share=None, span_acc=None)
+                if m in SEPME_VARIANTS:
+                    protected = ds[0].info["protected"]
+                    row["span_share"] = float(attacks.span_share(model, r["embeddings"], protected).mean())
+                    row["span_acc"] = attacks.from_span(model, judge, r["embeddings"], protected, s, steps=steps)
+                rows.append(row)
+                if progress:
+                    print(f"{m:14s} {s:10s} {a:14s} attack {row['attack_acc']:.2f} erased {row['erased_acc']:.2f} "
+                          f"others {row['others_ratio']:.2f}", flush=True)
+        if m in SEPME_VARIANTS:
+            drift[m] = max(drift_m)
+        if checkpoint is not None:
+            checkpoint(_result(profile, n, steps, styles, budgets, rows, drift, original, evals, t_start))
+    return _result(profile, n, steps, styles, budgets, rows, drift, original, evals, t_start)
+
+
+def _result(profile, n, steps, styles, budgets, rows, drift, original, evals, t_start) -> dict:
+    out = dict(profile=profile, images_per_concept=n, sample_steps=steps, styles=styles, budgets=budgets, rows=rows,
+               restoration_drift=drift, original={c: original[c]["acc"] for c in evals},
+               total_seconds=round(time.time() - t_start, 1))
+    out["markdown"] = markdown(out)
+    return out
+
+
+def markdown(out: dict) -> str:
+    """One line per method: attack ACC per attack (worst over the styles), beside erased ACC and the others ratio."""
+    methods_ = list(dict.fromkeys(r["method"] for r in out["rows"]))
+
+    def worst(m, key, attack=None, fn=max):
+        vals = [r[key] for r in out["rows"] if r["method"] == m and (attack is None or r["attack"] == attack)
+                and r[key] is not None]
+        return fn(vals) if vals else None
+
+    rows = []
+    for m in methods_:
+        rows.append(dict(method=m, **{a: worst(m, "attack_acc", a) for a in attacks.NAMES},
+                         erased=worst(m, "erased_acc"), others=worst(m, "others_ratio", fn=min),
+                         heldout_kv=worst(m, "heldout_protected_kv"), certified=worst(m, "certified"),
+                         cpu_s=worst(m, "cpu_s_per_concept"), span_share=worst(m, "span_share", fn=min)))
+    cols = ["method"] + list(attacks.NAMES) + ["erased", "others", "heldout_kv", "certified", "cpu_s", "span_share"]
+    note = (f"Worst over {', '.join(out['styles'])} ({out['images_per_concept']} images per ACC, "
+            f"{out['sample_steps']} DDIM steps); attack columns: ACC of the erased style from the attack's conditions; "
+            f"budgets: " + "; ".join(f"{a}: {b}" for a, b in out["budgets"].items()))
+    return report.markdown_table(rows, cols) + "\n\n" + note

@@ -1,0 +1,125 @@
+"""The attacks of notebook 09 (``sepme_lib.attacks``), robust SepME (``sepme.harden``) and the robustness benchmark's
+rows. Each attack is run against an erasure that hides the concept from its plain prompts and must bring it back
+(a check that fails when the attack does nothing); robust SepME must keep the certificate and separability."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sepme_lib as sm
+from sepme_lib import attacks, closed_form, methods, robustness, sepme
+from sepme_lib.concepts import make_concepts
+
+
+def test_encode_ids_is_the_models_embedding_and_extra_rows_are_read(tiny):
+    prompts = ["a red star in striped style", "an object", ""]
+    ids = tiny.tokenizer(prompts, padding="max_length", max_length=tiny.max_length, return_tensors="pt").input_ids
+    assert torch.equal(attacks.encode_ids(tiny, ids), tiny.embed(prompts))
+    # an appended token vector equal to "striped"'s own row gives the prompt with the word
+    table = tiny.text_encoder.get_input_embeddings().weight
+    word = tiny.tokenizer("striped", add_special_tokens=False).input_ids
+    new = attacks.replaced_ids(tiny, prompts[:1], "striped", [table.shape[0]])
+    got = attacks.encode_ids(tiny, new, table[word].detach())
+    assert torch.allclose(got, tiny.embed(prompts[:1]), atol=1e-6)
+
+
+def test_replaced_ids_and_banned_tokens(tiny):
+    tok = tiny.tokenizer
+    ids = attacks.replaced_ids(tiny, ["a red star in striped style"], "striped", [tok.convert_tokens_to_ids("red</w>")])
+    assert tok.decode([i for i in ids[0].tolist() if i > 1]) .split() == "a red star in red style".split()
+    kept = attacks.replaced_ids(tiny, ["a red star in striped style"], "striped", [tok.convert_tokens_to_ids("red</w>")],
+                                keep=True)
+    assert "red striped style" in tok.decode([i for i in kept[0].tolist() if i > 1])
+    banned = {tok.convert_ids_to_tokens(i) for i in attacks.banned_tokens(tiny, "striped")}
+    assert {"striped</w>", "stripe", "stri"} <= banned and "red</w>" not in banned and "dotted</w>" not in banned
+    with pytest.raises(sm.SepmeError, match="does not contain"):
+        attacks.replaced_ids(tiny, ["a red star"], "striped", [2])
+    with pytest.raises(sm.SepmeError, match="unknown attack"):
+        attacks.run(tiny, None, [], "striped", "jailbreak")
+
+
+def test_derive_embedding_lives_in_attacks_and_closed_form_shows_it():
+    assert closed_form.derive_embedding is attacks.derive_embedding and closed_form.kv_weights is attacks.kv_weights
+
+
+@pytest.fixture(scope="module")
+def bundled(tiny):
+    return sepme.bundled_deltas(tiny, ["striped"])
+
+
+def test_derived_embedding_brings_back_what_sepme_hides(tiny, clf, bundled):
+    """The committed finding of notebook 09: the bundled SepME increment erases striped from its prompts, and RECE's
+    derived embedding draws it again (the concept is hidden, not removed)."""
+    plain = sm.acc_table(tiny, clf, ["striped"], n=10, deltas=bundled)["striped"]
+    r = attacks.run(tiny, clf, bundled, "striped", "derived", n=10)
+    assert plain <= 0.1 and r["acc"] >= 0.5, (plain, r["acc"])
+    assert r["embeddings"].shape == (10, tiny.max_length, 256)
+
+
+def test_textual_inversion_brings_back_a_weak_erasure(tiny, clf):
+    """A few ESD steps hide striped from its word; a new token learned on the edited model draws it again."""
+    weak = sm.erase(tiny, ["striped"], method="esd", steps=WEAK_ESD_STEPS)
+    plain = sm.acc_table(tiny, clf, ["striped"], n=10, deltas=weak)["striped"]
+    r = attacks.run(tiny, clf, weak, "striped", "inversion", n=10, steps=150)
+    assert plain <= 0.3 and r["acc"] >= 0.5, (plain, r["acc"])
+    assert r["prompts"][0].endswith("<v> style") and r["vector"].shape == (1, 256)
+
+
+WEAK_ESD_STEPS = 40
+
+
+def test_prompt_search_brings_back_a_weak_erasure(tiny, clf):
+    weak = sm.erase(tiny, ["striped"], method="esd", steps=WEAK_ESD_STEPS)
+    plain = sm.acc_table(tiny, clf, ["striped"], n=10, deltas=weak)["striped"]
+    r = attacks.run(tiny, clf, weak, "striped", "prompt_search", n=10, tokens=2, sweeps=1, batch=8)
+    assert plain <= 0.3 and r["acc"] >= 0.5, (plain, r["acc"], r["prompts"][0])
+    banned = attacks.banned_tokens(tiny, "striped") - set(tiny.tokenizer("striped", add_special_tokens=False).input_ids)
+    assert not set(r["tokens"]) & banned
+
+
+def test_robust_sepme_keeps_the_certificate_and_separability(tiny):
+    """Two concepts, one short round each: the hardened increments still leave every protected prompt's keys and values
+    exactly unchanged (the other concept's prompts, c_0), so each stays removable on its own."""
+    cons = make_concepts(tiny, ["striped", "dotted"], n_ref=16)
+    ds = sm.erase(tiny, cons, method="sepme", cap=20, warmup=2, robust=dict(rounds=1, inversion_steps=5))
+    plain = sm.erase(tiny, cons, method="sepme", cap=20, warmup=2)
+    for d, p in zip(ds, plain):
+        assert d.method == "sepme1_robust" and d.info["robust"]["rounds_done"][0]["conditions"] == 3 * 4
+        assert max(sm.leakage(tiny, d, d.info["protected"]).values()) <= 1e-5
+        assert sum((d.tensors[k] - p.tensors[k]).abs().sum() for k in d.tensors) > 0  # the round trained further
+    striped, dotted = ds
+    assert max(sm.leakage(tiny, striped, dotted.info["prompts"]).values()) <= 1e-5
+    with pytest.raises(sm.SepmeError, match="mode='separate'"):
+        sm.erase(tiny, cons, method="sepme", mode="joint", robust=True)
+    with pytest.raises(sm.SepmeError, match="robust attacks"):
+        sm.erase(tiny, cons, method="sepme", robust=dict(attacks=["prompt_search"]))
+
+
+def test_span_share_is_one_inside_the_protected_span_and_zero_outside(tiny):
+    protected = ["", "a red star in dotted style"]
+    inside = tiny.embed(protected)
+    assert torch.allclose(attacks.span_share(tiny, inside, protected), torch.ones(2), atol=1e-5)
+    P = attacks.span_projector(tiny, protected).float()
+    outside = torch.randn(1, tiny.max_length, 256) @ (torch.eye(256) - P)
+    assert attacks.span_share(tiny, outside, protected).item() < 1e-6
+
+
+def test_attacks_run_on_a_random_sd_model(tiny_sd):
+    """Every attack on the random-weight SD stand-in (plumbing: shapes, the token table, the banned pieces)."""
+    name = sm.concept_set(tiny_sd).erase[0]
+    cons = make_concepts(tiny_sd, [name], n_ref=2, steps=2)
+    d = sm.erase(tiny_sd, cons, method="uce")
+    for a, kw in (("derived", {}), ("inversion", dict(steps=2, batch=1)),
+                  ("prompt_search", dict(tokens=1, sweeps=1, batch=1, candidates=4))):
+        out = attacks.ATTACKS[a](tiny_sd, d, cons[0], [cons[0].prompt], **kw)
+        assert out["embeddings"].shape == (1, tiny_sd.max_length, tiny_sd.text_encoder.config.hidden_size)
+        assert torch.isfinite(out["embeddings"]).all()
+
+
+def test_robustness_rows_have_the_issue_schema(tiny, clf):
+    out = robustness.benchmark("ci", ["uce"], model=tiny, judge=clf)
+    assert len(out["rows"]) == len(attacks.NAMES)
+    for r in out["rows"]:
+        assert set(robustness.ROW_KEYS) <= set(r) and r["certified"] is None and 0 <= r["attack_acc"] <= 1
+    assert "| uce |" in out["markdown"]
+    assert methods.ATTACK_BUDGETS["tiny"].keys() == set(attacks.NAMES)
