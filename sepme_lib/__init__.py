@@ -13,11 +13,12 @@ The public API (stable; used by the notebooks, the README, the benchmarks and th
     deltas[0].save_lora("out/striped")                 # a diffusers LoRA folder (+ model card); Delta.from_lora
 
 Modules, in one-way layers (each imports only modules above it in this list; ``tests/test_layers.py`` checks it):
-``config`` | ``world``, ``paper``, ``report``, ``plots``, ``perceptual``, ``checkpoint`` | ``model`` | ``concepts``,
-``deltas`` | ``classifier``, ``gcirs``, ``lora`` | ``nullspace``, ``adapters`` | ``sepme`` | ``closed_form``,
-``finetune`` | ``methods`` | ``evaluate`` | ``widgets`` | ``train_tiny``, ``train_classifier`` | ``random_sd`` |
-``bench``, ``course``, ``scaleout`` | ``cli`` (``python -m sepme_lib``, the ``sepme`` command). The design document is
-``docs/DESIGN.md``.
+``config`` | ``world``, ``paper``, ``report``, ``plots``, ``picture``, ``perceptual``, ``checkpoint``, ``storage`` |
+``families`` (what differs per model family) | ``model`` | ``concepts``, ``deltas``, ``card`` | ``classifier``,
+``gcirs``, ``lora`` | ``nullspace``, ``adapters`` | ``sepme`` | ``closed_form``, ``finetune``, ``speed`` | ``methods`` |
+``evaluate``, ``separability`` | ``widgets``, ``exercise_kit`` | ``exercises`` | ``train_tiny``, ``train_classifier`` |
+``random_sd`` | ``gpupath`` | ``bench``, ``course``, ``scaleout`` | ``cli`` (``python -m sepme_lib``, the ``sepme``
+command). The design document is ``docs/DESIGN.md``.
 """
 from .classifier import load_classifier
 from .concepts import Concept, concept_set, make_concepts

@@ -9,7 +9,7 @@ of images a head assigns to a target, the paper's ACC) serves both.
   ``python -m sepme_lib.train_classifier``; weights in ``data/classifier/classifier.safetensors``.
 * :class:`ZeroShotCLIP`: the paper trains a ResNet-18 head on images of its classes; without those images we score
   each image against one text per class with a CLIP model loaded from a local folder (or the Hugging Face cache;
-  nothing is downloaded unless ``SEPME_ALLOW_DOWNLOAD=1``). The label set is the SD concept set's ``evaluate``.
+  nothing is downloaded unless ``SEPME_ALLOW_DOWNLOAD=1``). The label set is the SD family's ``evaluate``.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
 from . import config, world
-from .concepts import CONCEPT_SETS
 from .config import BadValue
+from .families import family_of
 
 HEADS = {"style": world.STYLES, "shape": world.SHAPES, "colour": world.COLOUR_NAMES}
 CLIP_DEFAULT = "openai/clip-vit-large-patch14"
@@ -130,10 +130,12 @@ def load_clip_judge(labels, path=None, device=None) -> ZeroShotCLIP:
 
 
 def load_classifier(path=None, device=None, model=None):
-    """The judge for ``model``'s family: the bundled CNN (default; ``path`` overrides its weights file) or, when
-    ``model.family == "sd"``, a zero-shot CLIP judge (``path``: a CLIP folder). A clear error names what is missing."""
-    if model is not None and model.family == "sd":
-        return load_clip_judge(CONCEPT_SETS["sd"].evaluate, path, device or model.device)
+    """The judge for ``model``'s family (``families.Family.judge``): the bundled CNN (default; ``path`` overrides its
+    weights file) or, for Stable Diffusion, a zero-shot CLIP judge over the family's classes (``path``: a CLIP
+    folder). A clear error names what is missing."""
+    fam = None if model is None else family_of(model)
+    if fam is not None and fam.judge == "clip":
+        return load_clip_judge(fam.evaluate, path, device or model.device)
     path = Path(path or config.CLASSIFIER_PATH)
     if not path.exists():
         raise FileNotFoundError(f"classifier weights not found at {path}; recreate them with "

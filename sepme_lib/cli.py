@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from . import config, methods, sepme
+from . import config, families, methods, sepme
 from .adapters import AdapterUNet
 from .checkpoint import Checkpoint
 from .classifier import load_classifier
@@ -159,7 +159,7 @@ def check_model(name: str) -> str:
                          "Stable Diffusion 1.x folder or a hub id")
     if name != "tiny" and not p.exists() and name.startswith((".", "/", "~")):
         raise InputError(f"--model {name}: no such folder")
-    return "tiny" if name == "tiny" else "sd"
+    return families.model_family(name).name
 
 
 def check_common(args) -> None:
@@ -176,12 +176,12 @@ def check_common(args) -> None:
         if "dtype" in msg.lower() and not msg.startswith("SEPME_DTYPE"):
             msg = f"{flag} {args.dtype}: {msg}"
         raise InputError(msg) from None
-    if args.family == "tiny" and args.dt is not None:
-        raise InputError(f"{flag} {args.dtype}: the bundled tiny model runs in float32; "
+    if families.get(args.family).float32_only and args.dt is not None:
+        raise InputError(f"{flag} {args.dtype}: {families.get(args.family).title} runs in float32; "
                          + ("drop --dtype" if flag == "--dtype" else "unset SEPME_DTYPE (or set it to fp32)"))
     if getattr(args, "judge", None) and not Path(args.judge).exists():
         raise InputError(f"--judge {args.judge}: no such file or folder")
-    if getattr(args, "judge", None) and args.family == "tiny":  # a delta or a truncated file: refused before loading
+    if getattr(args, "judge", None) and families.get(args.family).judge == "classifier":  # refused before loading
         try:
             load_classifier(path=args.judge, device=torch.device("cpu"))
         except SepmeError as e:
@@ -229,9 +229,9 @@ def _deltas(args, model) -> tuple[list, list]:
 
 
 def batch_size(args) -> int:
-    """Images per sampling batch: ``--batch``, else 16 on the bundled model and 4 on Stable Diffusion (512 x 512 with
-    guidance doubles the UNet batch: 8 latents of 64 x 64 fit a 16 GB GPU in fp16)."""
-    return args.batch or (16 if args.family == "tiny" else 4)
+    """Images per sampling batch: ``--batch``, else the family's ``cli_batch``: 16 on the bundled model and 4 on Stable
+    Diffusion (512 x 512 with guidance doubles the UNet batch: 8 latents of 64 x 64 fit a 16 GB GPU in fp16)."""
+    return args.batch or families.get(args.family).cli_batch
 
 
 def _finish(t0, device):

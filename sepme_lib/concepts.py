@@ -5,13 +5,9 @@ Introduced in ``notebooks/02_gcirs_correlation_loss.ipynb``. A :class:`Concept` 
 protected in the other concepts' null spaces) and reference latents ``x_0`` (the paper: "we employ the images for
 obtaining the style classification model as inference images x_0 to yield x_t", Sec. 4.2).
 
-A :class:`ConceptSet` holds everything that depends on the model family, so that the same notebook cell runs on the
-bundled model and on Stable Diffusion:
-
-* ``"tiny"`` -- the bundled world: styles ``blank`` + five textures (the paper's blank + nine artists), shapes
-  (its nine objects); prompts from the world's grammar; anchors remove the style phrase;
-* ``"sd"`` -- the paper's artists (Sec. 4.1: blank + 'Van Gogh', 'Picasso', 'Cezanne' and six more) with prompt
-  templates; anchors remove the artist phrase.
+A :class:`ConceptSet` is the concept part of a model family (``families.FAMILIES``: the bundled world's styles and
+shapes, or the paper's artists in prompt templates), so that the same notebook cell runs on the bundled model and on
+Stable Diffusion; the functions below (preserve sets, caption pools, priors) read the family's entry, never its name.
 
 :func:`draw_batch` is the one ``x_t`` sampler of every trained method: ``x_t = sqrt(abar_t) x_0 +
 sqrt(1 - abar_t) eps`` with ``x_0`` from the reference set, ``t ~ U{0..T-1}`` and fresh noise (the paper's Sec. 4.2).
@@ -19,27 +15,26 @@ sqrt(1 - abar_t) eps`` with ``x_0`` from the reference set, ``t ~ U{0..T-1}`` an
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import world
-from .config import SepmeError
-
-
-class ConceptError(SepmeError, ValueError):
-    """Bad concept input (the message names the problem and the fix)."""
+from . import families
+from .families import (  # noqa: F401 (notebooks and tests read concepts.SD_TEMPLATES, concepts.world_anchor)
+    SD_ANCHORS,
+    SD_ARTISTS,
+    SD_BLANK,
+    SD_CAPTIONS,
+    SD_TEMPLATES,
+    ConceptError,
+    world_anchor,
+)
 
 
 # ---------------------------------------------------------------------------------------------- concept sets
-SD_ARTISTS = ("Van Gogh", "Picasso", "Cezanne", "Jackson Pollock", "Caravaggio", "Keith Haring", "Kelly McKernan",
-              "Tyler Edlin", "Kilian Eng")  # the paper's style classifier classes besides blank (Sec. 4.1)
-SD_TEMPLATES = ("{}", "a painting in the style of {}", "an artwork by {}", "a landscape painted by {}")
-SD_ANCHORS = ("", "a painting", "an artwork", "a landscape")  # the same templates without the artist
-
-
 @dataclass(frozen=True)
 class ConceptSet:
     """The concepts of one model family and how to prompt, anchor and evaluate them.
@@ -53,89 +48,65 @@ class ConceptSet:
     evaluate: tuple
     head: str = "style"
 
+    @property
+    def _family(self) -> families.Family:
+        return families.get(self.family)
+
     def prompts(self, name: str, k: int = 4) -> list[str]:
         """The concept's main prompt followed by ``k - 1`` variants (trained on and protected)."""
-        self.check(name)
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ConceptError(f"a concept needs at least one prompt, got k={k!r}")
-        if self.family == "tiny":
-            return world.concept_prompts(name, k)
-        if name == "blank":
-            raise ConceptError("'blank' is the absence of an artist; it has no prompt to erase")
-        return [SD_TEMPLATES[i % len(SD_TEMPLATES)].format(name) for i in range(k)]
+        return self._family.prompts(name, k)
 
     def eval_prompts(self, name: str, n: int, seed: int = 0) -> list[str]:
         """``n`` evaluation prompts of ``name`` (world: other attributes cycling; SD: the artist's name alone, as
         the paper generates its evaluation images from artist names, and ``''`` for blank)."""
-        self.check(name)
-        if self.family == "tiny":
-            return [s.caption() for s in world.eval_specs(name, n, seed=seed)]
-        return [("" if name == "blank" else name)] * n
+        return self._family.eval_prompts(name, n, seed=seed)
 
     def eval_targets(self, name: str, n: int, seed: int = 0) -> list[dict]:
         """What the judge should read on each of :meth:`eval_prompts`' images, per head: world ``{"style", "shape",
         "colour"}`` from the prompt; SD ``{"style": name}`` (the CLIP judge has one head)."""
-        self.check(name)
-        if self.family == "tiny":
-            return [dict(style=s.style, shape=s.shape, colour=s.colour) for s in world.eval_specs(name, n, seed=seed)]
-        return [dict(style=name)] * n
+        return self._family.eval_targets(name, n, seed=seed)
 
     def anchor(self, prompt: str, name: str) -> str:
         """The anchor of one of ``name``'s prompts: the prompt with the concept phrase removed (Ablating Concepts'
         ``c*``, UCE's guide, MACE's mapped prompt): "a red star in striped style" -> "a red star"."""
-        if self.family == "tiny":
-            return world_anchor(prompt, name)
-        for template, anchor in zip(SD_TEMPLATES, SD_ANCHORS):
-            if prompt == template.format(name):
-                return anchor
-        if name in prompt:
-            return " ".join(prompt.replace(f"by {name}", "").replace(f"of {name}", "").replace(name, "").split())
-        raise ConceptError(f"prompt {prompt!r} does not name {name!r}; give anchors explicitly (anchor=...)")
+        return self._family.anchor(prompt, name)
 
     def kind(self, name: str) -> str:
         """The judge's head for ``name``: ``"style"`` or ``"shape"`` (world), ``"style"`` (SD artists)."""
-        self.check(name)
-        return world.concept_kind(name) if self.family == "tiny" else "style"
+        return self._family.kind(name)
 
     def others(self, erased) -> list[str]:
         """The evaluated classes that are not erased (the paper's "Others" column)."""
         return [c for c in self.evaluate if c not in set(erased)]
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a concept of the set (an evaluated class or, on the bundled world, a shape)."""
+        return self._family.knows(name)
+
     def check(self, name: str) -> None:
-        if name not in self.evaluate and not (self.family == "tiny" and name in world.SHAPES):
-            raise ConceptError(f"unknown concept {name!r} for the {self.family} concept set; known: "
-                               f"{', '.join(self.evaluate)}" + (f"; shapes: {', '.join(world.SHAPES)}"
-                                                                 if self.family == "tiny" else ""))
+        self._family.check(name)
 
 
-CONCEPT_SETS = {
-    "tiny": ConceptSet("tiny", erase=("striped", "checkered", "dotted"), evaluate=world.STYLES),
-    "sd": ConceptSet("sd", erase=("Van Gogh", "Cezanne", "Picasso"), evaluate=("blank",) + SD_ARTISTS),
-}
+class _ConceptSets(Mapping):
+    """``CONCEPT_SETS[name]``: the :class:`ConceptSet` of every registered family (``families.FAMILIES``)."""
+
+    def __getitem__(self, name: str) -> ConceptSet:
+        f = families.get(name)
+        return ConceptSet(f.name, erase=f.erase, evaluate=f.evaluate)
+
+    def __iter__(self):
+        return iter(families.FAMILIES)
+
+    def __len__(self) -> int:
+        return len(families.FAMILIES)
+
+
+CONCEPT_SETS = _ConceptSets()
 
 
 def concept_set(model) -> ConceptSet:
     """The :class:`ConceptSet` of ``model.family``."""
-    return CONCEPT_SETS[model.family]
-
-
-def world_anchor(prompt: str, concept: str) -> str:
-    """The anchor of a world prompt: the style phrase removed for a style (the paper's blank: ``"a red star in
-    striped style" -> "a red star"``, ``"an object in striped style" -> "an object"``), the shape replaced by the
-    generic noun for a shape (``"a red star" -> "a red object"``)."""
-    kind = world.concept_kind(concept)
-    if kind == "style":
-        phrase = f" in {concept} style"
-        if phrase not in prompt:
-            raise ConceptError(f"prompt {prompt!r} does not contain {phrase!r}; give anchors explicitly")
-        return prompt.replace(phrase, "")
-    words = prompt.split()
-    if concept not in words:
-        raise ConceptError(f"prompt {prompt!r} does not name the shape {concept!r}; give anchors explicitly")
-    words = [world.GENERIC_NOUN if w == concept else w for w in words]
-    if words[0] in ("a", "an") and len(words) > 1:  # fix the article: "a object" -> "an object"
-        words[0] = "an" if words[1][0] in "aeiou" else "a"
-    return " ".join(words)
+    return CONCEPT_SETS[families.family_of(model).name]
 
 
 # ------------------------------------------------------------------------------------------------ concepts
@@ -207,8 +178,9 @@ def make_concept(model, name: str, prompt=None, n_ref: int = 64, seed: int = 0, 
         prompts = cs.prompts(name, n_prompts)
     else:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if model.family == "tiny" and (name in world.STYLES or name in world.SHAPES):
-        imgs = torch.from_numpy(world.reference_images(name, n_ref, seed=seed))
+    rendered = families.family_of(model).reference_images(name, n_ref, seed=seed)
+    if rendered is not None:
+        imgs = torch.from_numpy(rendered)
     else:
         imgs = model.sample([prompts[0]] * n_ref, seeds=range(seed, seed + n_ref), steps=steps) * 2 - 1
     return Concept(name, prompts, model.to_latent(imgs))
@@ -310,49 +282,19 @@ def anchors_for(model, concept: Concept, anchor=None) -> list[str]:
 def preserve_prompts(model, erased, k: int = 4) -> list[str]:
     """The default preserve set of UCE, RECE and MACE: ``k`` prompts of every concept of the same kind that is not
     erased, plus (bundled world) captions without a style phrase (the blank style)."""
-    erased = list(erased)
-    cs = concept_set(model)
-    if model.family == "tiny":
-        out = []
-        kinds = {world.concept_kind(e) for e in erased}
-        if "style" in kinds:
-            for s in world.STYLES[1:]:
-                if s not in erased:
-                    out += world.concept_prompts(s, k)
-            out += [world.caption(world.SHAPES[i % len(world.SHAPES)], None, world.COLOUR_NAMES[i % 4])
-                    for i in range(k)]
-        if "shape" in kinds:
-            out += [p for s in world.SHAPES if s not in erased for p in world.concept_prompts(s, k)]
-        return out
-    return [p for c in cs.evaluate if c != "blank" and c not in erased for p in cs.prompts(c, k)]
+    return families.family_of(model).preserve_prompts(list(erased), k)
 
 
 def general_prompts(model, exclude, n: int = 64, seed: int = 0) -> list[str]:
     """``n`` general prompts that mention none of ``exclude``: MACE's "general prior" set (MS-COCO captions in the
     paper; random world captions, colour/shape dropped at random as in training, on the bundled model; on SD the
     other artists' prompts stand in unless a caption list is given to MACE)."""
-    exclude = set(exclude)
-    if model.family != "tiny":
-        return preserve_prompts(model, exclude)[:n]
-    styles = tuple(s for s in world.STYLES if s not in exclude)
-    shapes = tuple(s for s in world.SHAPES if s not in exclude) or world.SHAPES
-    rng = np.random.default_rng(seed)
-    out = []
-    for s in world.random_specs(n, rng, shapes=shapes, styles=styles):
-        drop_shape = s.shape in exclude or rng.random() < 0.2
-        out.append(s.caption(colour=rng.random() >= 0.2, shape=not drop_shape))
-    return out
+    return families.family_of(model).general_prompts(set(exclude), n, seed)
 
 
 # ------------------------------------------------------------------------------------------ caption pools
 # Concept-level protection and the separability benchmark (notebook 08) need many captions per concept, split once
 # into a "build" part (what an erasure may protect or train on) and a "held-out" part (what only the benchmark reads).
-SD_CAPTIONS = SD_TEMPLATES + ("an artwork in the style of {}", "a landscape in the style of {}",
-                              "a painting of a cat by {}", "a painting of a dog by {}", "a tree painted by {}",
-                              "a painting of a car in the style of {}", "a photo in the style of {}",
-                              "a cat painted by {}")
-SD_BLANK = SD_ANCHORS[1:] + ("a painting of a cat", "a painting of a dog", "a tree", "a photo of a car",
-                             "a painting of a tree", "a photo of a cat", "a dog")
 BUILD_SHARE = 0.5  # share of a concept's captions in its build part
 
 
@@ -360,14 +302,9 @@ def concept_captions(model, name: str) -> list[str]:
     """Every caption of ``name`` the concept set can write: on the bundled world every shape (or none) x colour (or
     none) with the style phrase (30 per style; ``blank``: no style phrase) or, for a shape, every style x colour;
     on SD the artist in 12 caption templates (``blank``: 10 artist-free captions)."""
-    cs = concept_set(model)
-    cs.check(name)
-    if model.family == "tiny":
-        colours = list(world.COLOUR_NAMES) + [None]
-        if world.concept_kind(name) == "style":
-            return [world.caption(s, name, c) for s in list(world.SHAPES) + [None] for c in colours]
-        return [world.caption(name, st, c) for st in world.STYLES for c in colours]
-    return list(SD_BLANK) if name == "blank" else [t.format(name) for t in SD_CAPTIONS]
+    fam = families.family_of(model)
+    fam.check(name)
+    return fam.concept_captions(name)
 
 
 def listed_prompts(model, name: str) -> list[str]:
@@ -375,9 +312,7 @@ def listed_prompts(model, name: str) -> list[str]:
     style-free captions of UCE's preserve set, or SD's anchors): they always fall in the build part."""
     if name != "blank":
         return concept_set(model).prompts(name, 4)
-    if model.family == "tiny":
-        return [world.caption(world.SHAPES[i % len(world.SHAPES)], None, world.COLOUR_NAMES[i % 4]) for i in range(4)]
-    return list(SD_ANCHORS[1:])
+    return families.family_of(model).blank_prompts()
 
 
 def caption_split(model, name: str, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -407,18 +342,17 @@ def prior_captions(model, exclude, path=None) -> list[str]:
     captions, one per line) that name none of ``exclude`` as a whole word (SPEED's filter), else the build captions
     of the other artists and of ``blank``."""
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
-    if model.family == "tiny":
-        shapes = [e for e in exclude if e in world.SHAPES]
-        out = [p for s in world.STYLES if s not in exclude for p in caption_split(model, s)[0]]
-        return [p for p in out if not _names(p, shapes)]
-    path = path or os.environ.get("SEPME_CAPTIONS", "").strip() or None
+    fam = families.family_of(model)
+    path = (path or os.environ.get("SEPME_CAPTIONS", "").strip() or None) if fam.caption_file else None
     if path is not None:
         lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
         out = [t.strip() for t in lines if t.strip() and not _names(t.strip(), exclude)]
         if not out:
             raise ConceptError(f"the caption file {path} has no caption without {exclude}")
         return list(dict.fromkeys(out))
-    return [p for c in concept_set(model).evaluate if c not in exclude for p in caption_split(model, c)[0]]
+    extra = [e for e in exclude if e in fam.extra]  # world shapes: no caption of the prior names them
+    out = [p for c in fam.evaluate if c not in exclude for p in caption_split(model, c)[0]]
+    return [p for p in out if not _names(p, extra)]
 
 
 # ------------------------------------------------------------------------------------------ x_t sampler

@@ -206,13 +206,14 @@ def default_dtype(model: str, device) -> str | None:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-SAMPLE_BATCH = {"tiny": 64, "sd": 8}  # images sampled at once (x2 with classifier-free guidance)
-
-
-def sample_batch(family: str) -> int:
-    """How many images ``T2IModel.sample`` draws at once for a model family: ``$SEPME_BATCH`` if set, else
-    ``SAMPLE_BATCH`` (64 for the bundled model; 8 for Stable Diffusion: 16 UNet passes of 64x64x4 latents fit a 16 GB
-    GPU in half precision). Every evaluation (``acc_table``, notebooks 03-07) samples in chunks of this size."""
+def sample_batch(default: int) -> int:
+    """How many images ``T2IModel.sample`` draws at once: ``$SEPME_BATCH`` if set, else ``default``, the model
+    family's ``families.Family.batch`` (64 for the bundled model; 8 for Stable Diffusion: 16 UNet passes of 64x64x4
+    latents fit a 16 GB GPU in half precision). Every evaluation (``acc_table``, notebooks 03-07) samples in chunks
+    of this size."""
+    if isinstance(default, bool) or not isinstance(default, int):
+        raise BadType(f"sample_batch takes the family's default batch, got {default!r}; for a family's batch use "
+                      "families.get(name).sample_batch()")
     raw = os.environ.get("SEPME_BATCH", "").strip()
     if raw:
         try:
@@ -222,7 +223,7 @@ def sample_batch(family: str) -> int:
         if n < 1:
             raise ValueError(f"SEPME_BATCH must be a whole number >= 1, got {n}")
         return n
-    return SAMPLE_BATCH.get(family, 8)
+    return default
 
 
 def sample_cache_dir() -> Path | None:

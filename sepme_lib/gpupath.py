@@ -43,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     resource = None
 
-from . import config, gcirs, methods, nullspace
+from . import config, families, gcirs, methods, nullspace
 from .concepts import Concept, concept_set
 from .config import BadValue
 from .model import load_model
@@ -172,7 +172,7 @@ def measure(op: str, model_path: str, device=None, dtype=None, repeats: int = 3,
         times, ds = _timed(lambda: methods.erase(model, [con], method=op), dev, repeats, slow_s)
         shape = dict(concepts=1, edited_matrices=len(ds[0].tensors), d_in=d_in)
     else:  # ddim_image
-        n = images or (1 if dev.type == "cpu" else config.sample_batch("sd"))
+        n = images or (1 if dev.type == "cpu" else families.get("sd").sample_batch())
         stamps = []
         prompts = [cs.prompts(erase_names[0], 1)[0]] * n
         model._empty = None  # the empty prompt's embedding is part of the sampling time

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from . import closed_form, finetune, gcirs, sepme, speed
+from . import closed_form, families, finetune, gcirs, sepme, speed
 from .concepts import as_concepts
 from .config import SepmeError
 from .deltas import Delta
@@ -260,8 +260,7 @@ def course_settings(method: str, model, prof: dict) -> dict:
     as in full, stopped by Eq. 4, since that is what those notebooks teach); on Stable Diffusion in ``ci`` (random
     weights on a CPU, ``make test-sd``) the trained methods stop after ``prof["sd_cap"]`` steps."""
     check_method(method)
-    family = model if isinstance(model, str) else model.family
-    if family == "tiny" or prof.get("sd_cap") is None or method in CLOSED_FORM:
+    if not families.family_of(model).ci_cap or prof.get("sd_cap") is None or method in CLOSED_FORM:
         return {}
     if method in ("sepme", "gcirs"):
         return dict(cap=prof["sd_cap"])

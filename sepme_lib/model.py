@@ -2,7 +2,7 @@
 
 Introduced in ``notebooks/00_setup_and_tour.ipynb`` and ``notebooks/01_diffusion_basics.ipynb``.
 
-One adapter serves two kinds of model (``model.family``):
+One adapter serves two kinds of model (``model.family``, an entry of ``families.FAMILIES``):
 
 * ``"tiny"``: the bundled model (``load_model("tiny")``): a diffusers ``UNet2DConditionModel`` on 4x4-patchified
   pixels (a 32x32x3 image is an 8x8x48 "latent", ``pixel_unshuffle``), a small transformers ``CLIPTextModel``
@@ -32,7 +32,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from . import config, world
+from . import config, families, world
 from .config import BadType, BadValue
 
 
@@ -62,7 +62,7 @@ class T2IModel:
         self.scheduler = scheduler
         self.patch = patch
         self.name = name
-        self.family = family or ("tiny" if name == "tiny" else "sd")  # picks the per-model defaults (methods.py)
+        self.family = family or families.model_family(name).name  # its entry in families.FAMILIES
         self.vocabulary = set(vocabulary) if vocabulary else None
         self.guidance = guidance
         self.sample_steps = sample_steps
@@ -235,7 +235,7 @@ class T2IModel:
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or abs(g) > 1e3:
             raise BadValue(f"guidance must be a finite number of at most 1000 in size (the model's default is "
                            f"{self.guidance}), got {g!r}")
-        batch_size = config.sample_batch(self.family) if batch_size is None else batch_size
+        batch_size = families.get(self.family).sample_batch() if batch_size is None else batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise BadValue(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         if embeddings is not None and not torch.isfinite(embeddings).all():

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from . import config, methods, nullspace, report, sepme
+from . import config, families, methods, nullspace, report, sepme
 from .classifier import load_classifier, predict
 from .concepts import (
     as_concepts,
@@ -76,7 +76,7 @@ def prompt_level(model, prof: dict, concepts=None, progress: bool = False) -> li
     (``data/deltas``, trained with the defaults), otherwise trained now with ``methods.course_settings`` on
     ``concepts`` (default: the concept set's erased concepts with ``prof["n_ref"]`` reference images)."""
     names = list(concept_set(model).erase)
-    if model.family == "tiny":
+    if families.family_of(model).bundled_deltas:
         return sepme.bundled_deltas(model, names)
     return methods.erase(model, concepts or names, method="sepme", progress=progress, n_ref=prof["n_ref"],
                          **methods.course_settings("sepme", model, prof))

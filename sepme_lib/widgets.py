@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import adapters as _adapters
-from . import world
+from . import families, world
 from .classifier import HEADS, predict
 from .concepts import concept_set
 from .config import BadValue
@@ -67,8 +67,9 @@ def _value(x):
     return getattr(x, "value", x)
 
 
-def _family(model) -> str:
-    return "tiny" if model is None else model.family
+def _family(model) -> families.Family:
+    """The model's family entry (``model=None``: the bundled world's)."""
+    return families.get(families.BUNDLED) if model is None else families.family_of(model)
 
 
 def scales_from_controls(checks, sliders) -> list[float]:
@@ -97,23 +98,7 @@ def scales_from_controls(checks, sliders) -> list[float]:
 def default_prompts(deltas, extra: int = 2, model=None) -> list[str]:
     """Prompt choices: one per delta naming a concept of the model's concept set, then ``extra`` of concepts no delta
     erases. World (``model=None`` too): "a red circle in striped style"; SD: "a painting in the style of <artist>"."""
-    names = [d.name for d in deltas]
-    if _family(model) != "tiny":
-        cs = concept_set(model)
-        known = [n for n in names if n in cs.evaluate and n != "blank"]
-        pool = [c for c in cs.evaluate if c != "blank" and c not in names][:extra]
-        return [cs.prompts(n, 2)[1] for n in known + pool]
-    out = []
-    for n in names:
-        try:
-            out.append(world.eval_specs(n, 1)[0].caption())
-        except ValueError:  # not a world concept: no default prompt for it
-            continue
-    kinds = {world.concept_kind(n) for n in names if n in world.STYLES or n in world.SHAPES} or {"style"}
-    pool = [c for k in sorted(kinds) for c in (world.STYLES[1:] if k == "style" else world.SHAPES) if c not in names]
-    for c in pool[:extra]:
-        out.append(world.eval_specs(c, 1)[0].caption())
-    return out
+    return _family(model).default_prompts([d.name for d in deltas], extra)
 
 
 def unknown_words(prompt: str, model=None) -> list[str]:
@@ -143,9 +128,7 @@ def prompt_targets(prompt: str, judge=None, model=None) -> dict:
     out = {k: (v[0] if len(v) == 1 else None) for k, v in found.items()}
     if unknown_words(prompt, model) or "style" not in labels or "blank" not in labels["style"] or found["style"]:
         return out
-    if _family(model) != "tiny":
-        out["style"] = "blank"
-    elif any(out.get(k) for k in ("shape", "colour")) or world.GENERIC_NOUN in prompt.lower().split():
+    if _family(model).implies_blank(prompt, out):
         out["style"] = "blank"
     return out
 
@@ -169,7 +152,7 @@ def _check_render_args(deltas, scales, prompt, seed, n):
 def _concept_prompt(model, name: str):
     """The main prompt of ``name`` in the model's concept set (``None`` if the set does not know it)."""
     cs = concept_set(model)
-    if name == "blank" or (name not in cs.evaluate and not (cs.family == "tiny" and name in world.SHAPES)):
+    if name == "blank" or not cs.knows(name):
         return None
     return cs.prompts(name, 1)[0]
 

@@ -13,6 +13,7 @@ ROOT = PKG.parent
 LAYERS = [
     ["config"],
     ["world", "paper", "report", "plots", "picture", "perceptual", "checkpoint", "storage"],
+    ["families"],
     ["model"],
     ["concepts", "deltas", "card"],
     ["classifier", "gcirs", "lora"],

@@ -19,7 +19,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from sepme_lib import config, course
+from sepme_lib import config, course, families
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -237,7 +237,7 @@ def test_default_dtype(monkeypatch):
 
 def test_sample_batch_per_family(monkeypatch, tiny_sd):
     monkeypatch.delenv("SEPME_BATCH", raising=False)
-    assert config.sample_batch("tiny") == 64 and config.sample_batch("sd") == 8
+    assert families.get("tiny").sample_batch() == 64 and families.get("sd").sample_batch() == 8
     seen = []
     real = tiny_sd.embed
     monkeypatch.setattr(tiny_sd, "embed", lambda ps: seen.append(len(ps)) or real(ps))
@@ -245,7 +245,7 @@ def test_sample_batch_per_family(monkeypatch, tiny_sd):
     assert [n for n in seen if n > 1] == [8, 2]  # two chunks of at most 8 prompts (1: the cached empty prompt)
     monkeypatch.setenv("SEPME_BATCH", "0")
     with pytest.raises(ValueError, match="SEPME_BATCH"):
-        config.sample_batch("sd")
+        families.get("sd").sample_batch()
 
 
 def test_course_run_reports_a_failing_shell_line_and_a_malformed_notebook(tmp_path):
