@@ -130,10 +130,12 @@ def derived(model, deltas, concept: Concept, prompts, reg: float = 1e-3, **_) ->
 def inversion(model, deltas, concept: Concept, prompts, steps: int = 300, lr: float = 5e-3, batch: int = 4,
               seed: int = 0, progress: bool = False, **_) -> dict:
     """Textual inversion on the edited model: ``v`` minimises ``||eps_{theta+dtheta}(x_t, c(caption with <v>), t) -
-    eps||^2`` over the concept's reference latents, starting at the concept word's own vector."""
+    eps||^2`` over the concept's reference latents, starting at the concept word's own vector. The captions are the
+    concept's prompts with ``<v>`` for its word (on the bundled world "an object in <v> style", "a red circle in <v>
+    style", ...; on SD the artist templates). The main prompt alone ("an object in <v> style", which fits every
+    reference image) recovered less on the bundled model (0.15 against 0.5 on the bundled striped increment, 300 steps)."""
     weights = edited_weights(model, deltas) if deltas else None
-    cs = concept_set(model)
-    captions = cs.prompts(concept.name, 4) if concept.name in cs.evaluate else list(concept.prompts)
+    captions = list(concept.prompts)  # the concept's prompts with <v> for its word
     _, table = _table(model)
     vocab = table.shape[0]
     first = model.tokenizer(concept.name, add_special_tokens=False).input_ids
@@ -158,7 +160,7 @@ def inversion(model, deltas, concept: Concept, prompts, steps: int = 300, lr: fl
 
 
 def prompt_search(model, deltas, concept: Concept, prompts, tokens: int = 3, sweeps: int = 2, batch: int = 16,
-                  candidates: int = 0, keep_word: bool = True, seed: int = 0, progress: bool = False, **_) -> dict:
+                  candidates: int = 0, keep_word: bool = False, seed: int = 0, progress: bool = False, **_) -> dict:
     """Greedy coordinate search over real tokens: ``tokens`` vocabulary tokens are placed just before the concept's
     word (``keep_word=True``, UnlearnDiffAtk's adversarial prompt: the erased word stays, its context is searched)
     or replace it (``keep_word=False``: a prompt without the word). Position by position, every allowed token (or

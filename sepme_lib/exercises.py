@@ -26,12 +26,12 @@ import torch
 from . import closed_form as _closed_form  # 06
 from . import deltas as _deltas  # 07
 from . import evaluate as _evaluate
+from . import exercises_beyond  # noqa: F401 - registers the checks of notebooks 08-09
 from . import finetune as _finetune
 from . import gcirs, nullspace, sepme
 from . import methods as _methods
 from . import paper as _paper
 from . import perceptual as _perceptual
-from . import separability as _separability  # 00, 08
 from . import world as _world
 from .classifier import accuracy
 from .concepts import as_concepts
@@ -380,43 +380,3 @@ def _check_07_3(one_minus_ssim):
                      "window, the constants, valid positions only, and the mean over channels, positions, images)",
                      rtol=1e-3, atol=1e-6)
 
-
-# ------------------------------------------------------------------------------------------ notebook 08
-@exercise("08.1", "the key/value change of held-out captions")
-def _check_08_1(kv_change):
-    model = _model()
-    d, erased = sepme.bundled_deltas(model, ("striped",))[0], list(_evaluate.concept_set(model).erase)
-    ref = _separability.kv_metrics(model, d, "striped", erased)
-    got = kv_change(model, d, _separability.heldout(model, "striped", erased)["protected"])
-    expect(isinstance(got, tuple) and len(got) == 2, "return (median, max) over the captions")
-    expect_close(float(got[0]), ref["heldout_protected_kv_median"], "the median over the captions", rtol=1e-3)
-    expect_close(float(got[1]), ref["heldout_protected_kv_max"], "the max over the captions", rtol=1e-3)
-
-
-def _prior_rows(model):
-    return nullspace.stack_rows(model, [""] + _separability.prior_captions(model, ["striped"])[:40])
-
-
-@exercise("08.2", "a soft null space inside the exact one")
-def _check_08_2(soft_null_space):
-    model = _model()
-    A, R = nullspace.stack_rows(model, ["", "a red circle in checkered style", "a blue star in dotted style"]), \
-        _prior_rows(model)
-    for s in (1e-3, 1e-5):
-        ref, S = nullspace.null_space(A, prior=R, soft=s).basis, soft_null_space(A, R, s)
-        expect(torch.is_tensor(S) and S.dim() == 2 and S.shape[0] == A.shape[1], "S must be a (d_in, k) tensor")
-        expect(S.shape[1] == ref.shape[1], f"soft = {s:g}: you keep {S.shape[1]} directions, too "
-               f"{'few' if S.shape[1] < ref.shape[1] else 'many'} (which largest eigenvalue is the cut relative to?)")
-        expect_close(S.double() @ S.double().T, ref @ ref.T, f"the projector S S^T at soft = {s:g}", atol=1e-8)
-
-
-@exercise("08.3", "the share of the prior's energy a basis reads")
-def _check_08_3(energy_share):
-    model = _model()
-    A, R = nullspace.stack_rows(model, ["", "a red circle in checkered style"]), _prior_rows(model)
-    for s in (1e-2, 1e-4):
-        ns = nullspace.null_space(A, prior=R, soft=s)
-        mix = torch.eye(ns.dim, dtype=torch.float64) + 0.3 * torch.triu(_rand(ns.dim, ns.dim, seed=5,
-                                                                               dtype=torch.float64), 1)
-        expect_close(float(energy_share(R, ns.basis @ mix)), ns.prior_energy,
-                     f"the share at soft = {s:g} (the basis given spans the space but is not orthonormal)", rtol=1e-4)

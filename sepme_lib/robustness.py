@@ -34,7 +34,7 @@ from .separability import kv_metrics
 ROW_KEYS = ("method", "concept", "attack", "attack_acc", "erased_acc", "others_ratio", "heldout_protected_kv",
             "certified", "cpu_s_per_concept")
 STYLES = ("striped", "checkered", "dotted")
-SEPME_VARIANTS = {"sepme": {}, "sepme_concept": "concept", "sepme_robust": dict(robust=True)}
+SEPME_VARIANTS = {"sepme": {}, "sepme_concept": "concept", "sepme_robust": "robust"}
 # per profile: styles attacked, images per ACC, and the attacks' budgets that differ from methods.ATTACK_BUDGETS
 PROFILES = {"ci": dict(styles=STYLES[:1], n=10, budgets={"inversion": dict(steps=100),
                                                          "prompt_search": dict(candidates=40)}),
@@ -42,8 +42,9 @@ PROFILES = {"ci": dict(styles=STYLES[:1], n=10, budgets={"inversion": dict(steps
 
 
 def method_list() -> list:
-    """Every method of ``methods.METHODS`` (SepME as the paper's prompt-level default) and the two SepME variants."""
-    return list(methods.METHODS) + ["sepme_concept", "sepme_robust"]
+    """``original`` (no edit: what each attack reaches on the original model), every method of ``methods.METHODS``
+    (SepME as the paper's prompt-level default) and the two SepME variants."""
+    return ["original"] + list(methods.METHODS) + ["sepme_concept", "sepme_robust"]
 
 
 def _erase(model, method: str, cons: dict, styles, prof: dict, progress: bool):
@@ -51,9 +52,14 @@ def _erase(model, method: str, cons: dict, styles, prof: dict, progress: bool):
     c0 = time.process_time()
     if method in SEPME_VARIANTS:
         spec = SEPME_VARIANTS[method]
-        extra = methods.concept_level(model) if spec == "concept" else dict(spec)
+        extra = methods.concept_level(model) if spec in ("concept", "robust") else dict(spec)
+        if spec == "robust":  # robust SepME: concept-level protection + rounds of attack (methods.ROBUST)
+            extra["robust"] = True
+        extra.update(methods.profile_settings("sepme", prof))  # ci: a few steps (plumbing); full: none
         ds = methods.erase(model, [cons[s] for s in styles], method="sepme", progress=progress, **extra)
         out = {d.name: [d] for d in ds}
+    elif method == "original":  # no edit: each attack's ceiling
+        out = {s: [] for s in styles}
     else:
         over = methods.profile_settings(method, prof)
         out = {s: methods.erase(model, [cons[s]], method=method, progress=progress, **over) for s in styles}
@@ -102,9 +108,9 @@ def benchmark(profile: str = "ci", method_names=None, progress: bool = False, mo
             ds = by_style[s]
             heads = acc_heads(model, judge, evals, n, deltas=ds, steps=steps)
             drift_m += [abs(heads[o]["acc"] - original[o]["acc"]) for o in STYLES if o != s]
-            kv = kv_metrics(model, ds[0], s, STYLES)
+            kv = kv_metrics(model, ds[0], s, STYLES) if ds else {}
             common = dict(method=m, concept=s, erased_acc=heads[s]["acc"], others_ratio=others_ratio(heads, original, [s]),
-                          heldout_protected_kv=kv["heldout_protected_kv_max"],
+                          heldout_protected_kv=kv.get("heldout_protected_kv_max"),
                           certified=kv["certified_leakage_max"] if m in SEPME_VARIANTS else None,
                           cpu_s_per_concept=round(cpu, 2))
             for a in attacks.NAMES:

@@ -94,15 +94,16 @@ def check_robust(robust, mode: str) -> dict | None:
         raise BadValue(f"robust must be None, True or a dict with keys {sorted(ROBUST_KEYS)}, got {robust!r:.80}")
     if mode != "separate":
         raise BadValue(f"robust SepME trains each increment alone: use mode='separate', not {mode!r}")
-    bad = [a for a in robust.get("attacks", ()) if a not in ("derived", "inversion")]
+    bad = [a for a in robust.get("attacks", ()) if a not in attacks.NAMES]
     if bad or not robust.get("attacks"):
-        raise BadValue(f"robust attacks must be a non-empty list of 'derived' and 'inversion', got {robust.get('attacks')}")
+        raise BadValue(f"robust attacks must be a non-empty list of {', '.join(attacks.NAMES)}, got "
+                       f"{robust.get('attacks')}")
     if not isinstance(robust.get("rounds"), int) or isinstance(robust["rounds"], bool) or robust["rounds"] < 1:
         raise BadValue(f"robust rounds must be a whole number >= 1, got {robust.get('rounds')!r}")
     return robust
 
 
-def harden(model, concept: Concept, inc, s: Settings, robust: dict, progress: bool = True) -> list:
+def harden(model, concept: Concept, inc, s: Settings, robust: dict, progress: bool = True, anchors=None) -> list:
     """Robust SepME (beyond the paper, notebook 09): ``robust["rounds"]`` rounds of (1) attack the increment as it is
     (RECE's derived ``c'`` and/or textual inversion, :mod:`attacks`), (2) add each condition the attacks found to the
     concept's training set, paired with the prompt it imitates (the frozen model's ``r_theta(prompt)`` is what the
@@ -116,6 +117,9 @@ def harden(model, concept: Concept, inc, s: Settings, robust: dict, progress: bo
         for name in robust["attacks"]:
             if name == "derived":
                 found = attacks.derived_embeddings(model, [current], base, robust.get("reg", 1e-3))
+            elif name == "prompt_search":
+                found = attacks.prompt_search(model, [current], concept, concept.prompts, tokens=3, sweeps=1, batch=8,
+                                              seed=s.seed + r)["embeddings"]
             else:
                 found = attacks.inversion(model, [current], concept, concept.prompts, steps=robust["inversion_steps"],
                                           seed=s.seed + r)["embeddings"]
@@ -125,7 +129,8 @@ def harden(model, concept: Concept, inc, s: Settings, robust: dict, progress: bo
                        edit_emb=torch.cat(edited))
         inc.stopped_at = None
         hist = train(model, [hard], [inc], [0], s, skip_empty=True, progress=progress,
-                     desc=f"robust SepME {concept.name} round {r + 1}")
+                     desc=f"robust SepME {concept.name} round {r + 1}",
+                     anchors=None if anchors is None else [list(anchors) * len(frozen)])
         record.append(dict(round=r + 1, steps=inc.stopped_at, conditions=len(hard.prompts),
                            stop=inc.info.get("stop_reason"), final_lmom=hist["lmom"][0][-1]))
     return record
@@ -190,7 +195,8 @@ def sepme(model, concepts, mode: str = "separate", settings: Settings | None = N
                          checkpoint=checkpoint, anchors=None if targets is None else [targets[t]])
             if robust is not None:
                 e = dict(e, robust=dict(robust, attacks=list(robust["attacks"]),
-                                        rounds_done=harden(model, c, inc, s, robust, progress)))
+                                        rounds_done=harden(model, c, inc, s, robust, progress,
+                                                           None if targets is None else targets[t])))
             d = to_delta(model, inc, c.name, method + ("_robust" if robust is not None else ""), s, hist, e)
         deltas.append(d)
     return deltas

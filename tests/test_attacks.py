@@ -92,7 +92,7 @@ def test_robust_sepme_keeps_the_certificate_and_separability(tiny):
     with pytest.raises(sm.SepmeError, match="mode='separate'"):
         sm.erase(tiny, cons, method="sepme", mode="joint", robust=True)
     with pytest.raises(sm.SepmeError, match="robust attacks"):
-        sm.erase(tiny, cons, method="sepme", robust=dict(attacks=["prompt_search"]))
+        sm.erase(tiny, cons, method="sepme", robust=dict(attacks=["jailbreak"]))
 
 
 def test_span_share_is_one_inside_the_protected_span_and_zero_outside(tiny):

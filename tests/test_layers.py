@@ -24,6 +24,7 @@ LAYERS = [
     ["methods"],
     ["evaluate", "separability"],
     ["widgets", "exercise_kit", "robustness"],
+    ["exercises_beyond"],
     ["exercises"],
     ["train_tiny", "train_classifier"],
     ["random_sd"],
