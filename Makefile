@@ -53,7 +53,7 @@ test-unit: $(VENV)/.installed
 # again (the original model's, the bundled increments' combinations) is sampled once per run (config.sample_cache_dir:
 # a call is reused only when the weights, prompts, seeds and settings are identical; the browser test reuses 05's)
 NBVAL_A ?= 00 01 03 07 04
-NBVAL_B ?= 02 05 06 08
+NBVAL_B ?= 02 05 06 08 09
 NBVAL = PROFILE=ci MODEL=tiny SEPME_THREADS=1 OMP_NUM_THREADS=1 SEPME_SAMPLE_CACHE=$(abspath $(SAMPLE_CACHE)) \
 	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env
 test-notebooks: $(VENV)/.installed

@@ -210,11 +210,12 @@ def prompt_search(model, deltas, concept: Concept, prompts, tokens: int = 3, swe
 ATTACKS = {"derived": derived, "inversion": inversion, "prompt_search": prompt_search}
 
 
-def run(model, judge, deltas, concept, attack: str, n: int = 20, seed: int = 0, steps=None, images: bool = False,
-        **settings) -> dict:
+def run(model, judge, deltas, concept, attack: str, n: int = 20, seed: int = 0, sample_steps=None,
+        images: bool = False, **settings) -> dict:
     """Attack ``concept`` (a name or :class:`Concept`) on ``model + sum deltas`` and judge it: ``acc`` = the judge's
-    ACC of the erased concept on ``n`` images sampled from the attack's conditions (attack success; the evaluation
-    seeds and captions of ``acc_table``), with the attack's ``prompts``, ``budget`` and ``seconds``."""
+    ACC of the erased concept on ``n`` images sampled (``sample_steps`` DDIM steps) from the attack's conditions
+    (attack success; the evaluation seeds and captions of ``acc_table``), with the attack's ``prompts``, ``budget``
+    and ``seconds``. ``settings``: the attack's budget (e.g. ``steps``, ``lr``, ``batch`` of :func:`inversion`)."""
     if attack not in ATTACKS:
         raise BadValue(f"unknown attack {attack!r}; use one of {', '.join(NAMES)}")
     deltas = list(deltas or [])
@@ -225,7 +226,7 @@ def run(model, judge, deltas, concept, attack: str, n: int = 20, seed: int = 0, 
     out = ATTACKS[attack](model, deltas, concept, prompts, seed=seed, **settings)
     seconds = time.time() - t0
     w = edited_weights(model, deltas) if deltas else None
-    imgs = model.sample(None, seeds=range(seed, seed + n), steps=steps, weights=w, embeddings=out["embeddings"])
+    imgs = model.sample(None, seeds=range(seed, seed + n), steps=sample_steps, weights=w, embeddings=out["embeddings"])
     out.update(attack=attack, concept=concept.name, acc=accuracy(judge, imgs, cs.kind(concept.name), concept.name),
                n=n, seconds=round(seconds, 2))
     if images:

@@ -29,28 +29,10 @@ import time
 import numpy as np
 import torch
 
-from . import (
-    config,
-    gcirs,
-    gpupath,
-    methods,
-    nullspace,
-    report,
-    robustness,
-    separability,
-    sepme,
-    world,
-)
+from . import config, gcirs, gpupath, methods, nullspace, report, robustness, separability, sepme, world
 from .classifier import accuracy, load_classifier
 from .concepts import make_concepts
-from .evaluate import (
-    acc_table,
-    combination_table,
-    eval_prompts,
-    generate,
-    others_mean,
-    redteam_probe,
-)
+from .evaluate import acc_table, combination_table, eval_prompts, generate, others_mean, redteam_probe
 from .model import load_model
 from .perceptual import perceptual_distance
 from .widgets import benchmark_refresh

@@ -37,13 +37,7 @@ from .deltas import Delta, edited_weights, same_tensors
 from .evaluate import acc_table
 from .lora import WEIGHTS, adapter_name, model_card, write
 from .model import load_model, resolve_dtype
-from .scaleout import (
-    TABLES,
-    evaluation_table,
-    peak_memory,
-    shard_from_environment,
-    table_markdown,
-)
+from .scaleout import TABLES, evaluation_table, peak_memory, shard_from_environment, table_markdown
 from .storage import FolderLock
 
 

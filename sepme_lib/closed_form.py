@@ -29,13 +29,7 @@ import torch
 
 from . import config
 from .attacks import derive_embedding, kv_weights  # noqa: F401 - closed_form.derive_embedding (notebook 06)
-from .concepts import (
-    anchors_for,
-    check_clashes,
-    general_prompts,
-    preserve_prompts,
-    prompt_list,
-)
+from .concepts import anchors_for, check_clashes, general_prompts, preserve_prompts, prompt_list
 from .config import SepmeError
 from .deltas import Delta
 

@@ -114,7 +114,7 @@ def benchmark(profile: str = "ci", method_names=None, progress: bool = False, mo
                           certified=kv["certified_leakage_max"] if m in SEPME_VARIANTS else None,
                           cpu_s_per_concept=round(cpu, 2))
             for a in attacks.NAMES:
-                r = attacks.run(model, judge, ds, cons[s], a, n=n, steps=steps, **budgets[a])
+                r = attacks.run(model, judge, ds, cons[s], a, n=n, sample_steps=steps, **budgets[a])
                 row = dict(common, attack=a, attack_acc=r["acc"], budget=r["budget"], attack_seconds=r["seconds"],
                            example=r["prompts"][0], span_share=None, span_acc=None)
                 if m in SEPME_VARIANTS:
@@ -154,9 +154,13 @@ def markdown(out: dict) -> str:
         rows.append(dict(method=m, **{a: worst(m, "attack_acc", a) for a in attacks.NAMES},
                          erased=worst(m, "erased_acc"), others=worst(m, "others_ratio", fn=min),
                          heldout_kv=worst(m, "heldout_protected_kv"), certified=worst(m, "certified"),
-                         cpu_s=worst(m, "cpu_s_per_concept"), span_share=worst(m, "span_share", fn=min)))
-    cols = ["method"] + list(attacks.NAMES) + ["erased", "others", "heldout_kv", "certified", "cpu_s", "span_share"]
+                         cpu_s=worst(m, "cpu_s_per_concept"), drift=out["restoration_drift"].get(m),
+                         span_share=worst(m, "span_share", "derived", min), span_acc=worst(m, "span_acc", "derived", min)))
+    cols = (["method"] + list(attacks.NAMES) + ["erased", "others", "heldout_kv", "certified", "drift", "cpu_s",
+                                                "span_share", "span_acc"])
     note = (f"Worst over {', '.join(out['styles'])} ({out['images_per_concept']} images per ACC, "
             f"{out['sample_steps']} DDIM steps); attack columns: ACC of the erased style from the attack's conditions; "
-            f"budgets: " + "; ".join(f"{a}: {b}" for a, b in out["budgets"].items()))
+            f"budgets: " + "; ".join(f"{a}: {b}" for a, b in out["budgets"].items()) + ". `original`: no edit (each "
+            "attack's ceiling); `span_share` / `span_acc` (SepME variants, derived embedding): the share of c' inside "
+            "the protected span and the original model's ACC from that part alone (smallest over the styles).")
     return report.markdown_table(rows, cols) + "\n\n" + note

@@ -30,13 +30,7 @@ import torch
 
 from . import config, families, methods, nullspace, report, sepme
 from .classifier import load_classifier, predict
-from .concepts import (
-    as_concepts,
-    caption_split,
-    concept_set,
-    listed_prompts,
-    prior_captions,
-)
+from .concepts import as_concepts, caption_split, concept_set, listed_prompts, prior_captions
 from .deltas import edited_weights
 from .model import load_model
 

@@ -56,25 +56,23 @@ def test_derived_embedding_brings_back_what_sepme_hides(tiny, clf, bundled):
     assert r["embeddings"].shape == (10, tiny.max_length, 256)
 
 
-def test_textual_inversion_brings_back_a_weak_erasure(tiny, clf):
-    """A few ESD steps hide striped from its word; a new token learned on the edited model draws it again."""
-    weak = sm.erase(tiny, ["striped"], method="esd", steps=WEAK_ESD_STEPS)
-    plain = sm.acc_table(tiny, clf, ["striped"], n=10, deltas=weak)["striped"]
-    r = attacks.run(tiny, clf, weak, "striped", "inversion", n=10, steps=150)
-    assert plain <= 0.3 and r["acc"] >= 0.5, (plain, r["acc"])
+def test_textual_inversion_brings_back_part_of_what_sepme_hides(tiny, clf, bundled):
+    """A new token learned on the edited model (300 steps, the bundled model's budget) draws striped again on part of
+    the images where the word itself draws it on none (measured 0.30-0.50 on 20 images; asserted >= 0.2). Without
+    the optimisation (v = the word's vector) the images are those of the plain prompt, so the check can fail."""
+    plain = sm.acc_table(tiny, clf, ["striped"], n=20, deltas=bundled)["striped"]
+    r = attacks.run(tiny, clf, bundled, "striped", "inversion", n=20, **methods.ATTACK_BUDGETS["tiny"]["inversion"])
+    assert plain <= 0.1 and r["acc"] >= 0.2, (plain, r["acc"])
     assert r["prompts"][0].endswith("<v> style") and r["vector"].shape == (1, 256)
 
 
-WEAK_ESD_STEPS = 40
-
-
-def test_prompt_search_brings_back_a_weak_erasure(tiny, clf):
-    weak = sm.erase(tiny, ["striped"], method="esd", steps=WEAK_ESD_STEPS)
-    plain = sm.acc_table(tiny, clf, ["striped"], n=10, deltas=weak)["striped"]
-    r = attacks.run(tiny, clf, weak, "striped", "prompt_search", n=10, tokens=2, sweeps=1, batch=8)
-    assert plain <= 0.3 and r["acc"] >= 0.5, (plain, r["acc"], r["prompts"][0])
-    banned = attacks.banned_tokens(tiny, "striped") - set(tiny.tokenizer("striped", add_special_tokens=False).input_ids)
-    assert not set(r["tokens"]) & banned
+def test_prompt_search_finds_the_concept_without_its_word(tiny, clf):
+    """On the original model, three searched tokens in place of "striped" (the word and its pieces banned) draw
+    stripes on part of the images (measured 0.35 on 20), where the search's starting point ("a a a") draws none."""
+    start = attacks.run(tiny, clf, [], "striped", "prompt_search", n=20, tokens=3, sweeps=0, batch=8)
+    r = attacks.run(tiny, clf, [], "striped", "prompt_search", n=20, **methods.ATTACK_BUDGETS["tiny"]["prompt_search"])
+    assert start["acc"] <= 0.05 and r["acc"] >= 0.2, (start["acc"], r["acc"], r["prompts"][0])
+    assert not set(r["tokens"]) & attacks.banned_tokens(tiny, "striped") and "striped" not in r["prompts"][0]
 
 
 def test_robust_sepme_keeps_the_certificate_and_separability(tiny):
@@ -84,7 +82,7 @@ def test_robust_sepme_keeps_the_certificate_and_separability(tiny):
     ds = sm.erase(tiny, cons, method="sepme", cap=20, warmup=2, robust=dict(rounds=1, inversion_steps=5))
     plain = sm.erase(tiny, cons, method="sepme", cap=20, warmup=2)
     for d, p in zip(ds, plain):
-        assert d.method == "sepme1_robust" and d.info["robust"]["rounds_done"][0]["conditions"] == 3 * 4
+        assert d.method == "sepme1_robust" and d.info["robust"]["rounds_done"][0]["conditions"] == 2 * 4  # prompts + inversion
         assert max(sm.leakage(tiny, d, d.info["protected"]).values()) <= 1e-5
         assert sum((d.tensors[k] - p.tensors[k]).abs().sum() for k in d.tensors) > 0  # the round trained further
     striped, dotted = ds
@@ -116,10 +114,14 @@ def test_attacks_run_on_a_random_sd_model(tiny_sd):
         assert torch.isfinite(out["embeddings"]).all()
 
 
-def test_robustness_rows_have_the_issue_schema(tiny, clf):
-    out = robustness.benchmark("ci", ["uce"], model=tiny, judge=clf)
-    assert len(out["rows"]) == len(attacks.NAMES)
+def test_robustness_rows_have_the_issue_schema(tiny, clf, monkeypatch):
+    """The benchmark's plumbing (rows, keys, the table) with the smallest budgets: numbers are the full run's job."""
+    monkeypatch.setitem(robustness.PROFILES, "ci", dict(styles=("striped",), n=2, budgets={
+        "inversion": dict(steps=2), "prompt_search": dict(tokens=1, candidates=4, batch=2)}))
+    out = robustness.benchmark("ci", ["original", "uce"], model=tiny, judge=clf)
+    assert len(out["rows"]) == 2 * len(attacks.NAMES)
     for r in out["rows"]:
         assert set(robustness.ROW_KEYS) <= set(r) and r["certified"] is None and 0 <= r["attack_acc"] <= 1
+    assert [r["heldout_protected_kv"] for r in out["rows"]][:3] == [None] * 3  # no edit, no key/value change
     assert "| uce |" in out["markdown"]
     assert methods.ATTACK_BUDGETS["tiny"].keys() == set(attacks.NAMES)
