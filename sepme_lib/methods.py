@@ -257,6 +257,20 @@ def profile_settings(method: str, prof: dict) -> dict:
     return out
 
 
+def attack_budgets(model, prof: dict) -> dict:
+    """:data:`ATTACK_BUDGETS` of the model's family (notebook 09); where its family caps ci training (``ci_cap``: a
+    random-weight SD folder on a CPU, ``make test-sd``) every attack loop runs ``prof["sd_cap"]`` steps / candidates,
+    and ``"robust"`` gives the inversion steps of robust SepME's rounds (plumbing only)."""
+    out = {a: dict(b) for a, b in ATTACK_BUDGETS[families.family_of(model).name].items()}
+    out["robust"] = dict(inversion_steps=ROBUST[families.family_of(model).name]["inversion_steps"])
+    cap = prof.get("sd_cap")
+    if families.family_of(model).ci_cap and cap is not None:
+        out["inversion"]["steps"] = cap
+        out["prompt_search"].update(tokens=1, candidates=cap)
+        out["robust"]["inversion_steps"] = cap
+    return out
+
+
 def course_settings(method: str, model, prof: dict) -> dict:
     """Overrides of ``method`` in notebooks 02-05 for a profile: none on the bundled model (SepME and G-CiRs train
     as in full, stopped by Eq. 4, since that is what those notebooks teach); on Stable Diffusion in ``ci`` (random

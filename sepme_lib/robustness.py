@@ -20,6 +20,7 @@ change of another erased style's ACC under one increment, against the original m
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -124,7 +125,7 @@ def benchmark(profile: str = "ci", method_names=None, progress: bool = False, mo
                 rows.append(row)
                 if progress:
                     print(f"{m:14s} {s:10s} {a:14s} attack {row['attack_acc']:.2f} erased {row['erased_acc']:.2f} "
-                          f"others {row['others_ratio']:.2f}", flush=True)
+                          f"others {row['others_ratio']:.2f}", file=sys.stderr, flush=True)
         if m in SEPME_VARIANTS:
             drift[m] = max(drift_m)
         if checkpoint is not None:

@@ -125,3 +125,17 @@ def test_robustness_rows_have_the_issue_schema(tiny, clf, monkeypatch):
     assert [r["heldout_protected_kv"] for r in out["rows"]][:3] == [None] * 3  # no edit, no key/value change
     assert "| uce |" in out["markdown"]
     assert methods.ATTACK_BUDGETS["tiny"].keys() == set(attacks.NAMES)
+
+
+def test_attack_budgets_follow_the_family_and_cap_random_sd_in_ci(tiny, tiny_sd):
+    """Notebook 09's budgets: the bundled model's are ATTACK_BUDGETS as they are (in every profile); a family that caps
+    ci training (the random SD folder of `make test-sd`) runs every attack loop at the profile's sd_cap."""
+    tiny_b = methods.attack_budgets(tiny, {"sd_cap": 3})
+    assert {a: tiny_b[a] for a in attacks.NAMES} == methods.ATTACK_BUDGETS["tiny"]
+    assert tiny_b["robust"] == {"inversion_steps": methods.ROBUST["tiny"]["inversion_steps"]}
+    sd_b = methods.attack_budgets(tiny_sd, {"sd_cap": 3})
+    assert sd_b["inversion"]["steps"] == 3 and sd_b["robust"]["inversion_steps"] == 3
+    assert sd_b["prompt_search"]["tokens"] == 1 and sd_b["prompt_search"]["candidates"] == 3
+    full = methods.attack_budgets(tiny_sd, {"sd_cap": None})
+    assert full["inversion"] == methods.ATTACK_BUDGETS[tiny_sd.family]["inversion"]
+    assert methods.ATTACK_BUDGETS[tiny_sd.family]["inversion"]["steps"] != 3  # the cap changed something
