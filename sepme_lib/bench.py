@@ -14,7 +14,8 @@
 * ``gpu-path`` -- time and peak memory of every SD operation of the notebooks, and each notebook's estimate
   (``gpupath``; ``--save`` writes ``data/results/gpu_path_<cpu|cuda>.json``).
 * ``capacity`` -- the null space left at SD 1.4's and SDXL's dimensions (``nullspace.capacity_rows``, notebook 03).
-* ``robustness`` -- every method under three attacks (``robustness.benchmark``, notebook 09); ``--save`` resumes.
+* ``robustness`` -- every method under three attacks (``robustness.benchmark``, notebook 09); ``--save`` resumes;
+  ``--tradeoff``: robust SepME's rounds x inversion budget (``robustness.tradeoff``).
 
 ``--json`` prints one JSON object instead of markdown; ``--save`` writes ``data/results/<what>_<profile>.json``.
 Every number comes from the public API (``erase``, ``acc_table``, ``combine``), as in the notebooks.
@@ -353,13 +354,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("capacity", parents=[common], help="null-space capacity at SD 1.4's and SDXL's dimensions")
     rb = sub.add_parser("robustness", parents=[common, prof], help="every method x attack (notebook 09)")
     rb.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(robustness.method_list())}")
+    rb.add_argument("--tradeoff", action="store_true", help="robust SepME: rounds x inversion budget instead")
     return ap
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     prof = config.profile(getattr(args, "profile", None))["name"]
-    path = config.RESULTS / f"{args.what}_{prof}.json"
+    path = config.RESULTS / f"{args.what}{'_tradeoff' if getattr(args, 'tradeoff', False) else ''}_{prof}.json"
     if args.what == "gpu-path":
         path = config.RESULTS / f"gpu_path_{config.get_device(args.device).type}.json"
     if args.what == "relatives" and args.methods:  # (robustness checks its own --methods)
@@ -413,6 +415,8 @@ def main(argv=None):
     elif args.what == "capacity":
         res = dict(rows=nullspace.capacity_rows())
         res["markdown"] = nullspace.capacity_markdown(res["rows"])
+    elif args.what == "robustness" and args.tradeoff:
+        res = robustness.tradeoff(prof, progress=True, checkpoint=(lambda out: save(out)) if args.save else None)
     elif args.what == "robustness":  # with --save, methods already in the saved file are kept, not rerun
         res = robustness.benchmark(prof, args.methods and args.methods.split(","), progress=True,
                                    previous=json.loads(path.read_text()) if args.save and path.exists() else None,

@@ -36,9 +36,11 @@ ROW_KEYS = ("method", "concept", "attack", "attack_acc", "erased_acc", "others_r
             "certified", "cpu_s_per_concept")
 STYLES = ("striped", "checkered", "dotted")
 SEPME_VARIANTS = {"sepme": {}, "sepme_concept": "concept", "sepme_robust": "robust"}
-# per profile: styles attacked, images per ACC, and the attacks' budgets that differ from methods.ATTACK_BUDGETS
-PROFILES = {"ci": dict(styles=STYLES[:1], n=10, budgets={"inversion": dict(steps=100),
-                                                         "prompt_search": dict(candidates=40)}),
+# per profile: styles attacked, images per ACC, reference images, the attacks' budgets that differ from
+# methods.ATTACK_BUDGETS and (ci) robust SepME's rounds
+PROFILES = {"ci": dict(styles=STYLES[:1], n=6, n_ref=16, budgets={"inversion": dict(steps=40),
+                                                                  "prompt_search": dict(tokens=1, candidates=24)},
+                       robust=dict(rounds=1, inversion_steps=10)),
             "full": dict(styles=STYLES, n=20, budgets={})}
 
 
@@ -55,7 +57,7 @@ def _erase(model, method: str, cons: dict, styles, prof: dict, progress: bool):
         spec = SEPME_VARIANTS[method]
         extra = methods.concept_level(model) if spec in ("concept", "robust") else dict(spec)
         if spec == "robust":  # robust SepME: concept-level protection + rounds of attack (methods.ROBUST)
-            extra["robust"] = True
+            extra["robust"] = prof.get("robust", True)  # ci: one short round (plumbing)
         extra.update(methods.profile_settings("sepme", prof))  # ci: a few steps (plumbing); full: none
         ds = methods.erase(model, [cons[s] for s in styles], method="sepme", progress=progress, **extra)
         out = {d.name: [d] for d in ds}
@@ -165,3 +167,65 @@ def markdown(out: dict) -> str:
             "attack's ceiling); `span_share` / `span_acc` (SepME variants, derived embedding): the share of c' inside "
             "the protected span and the original model's ACC from that part alone (smallest over the styles).")
     return report.markdown_table(rows, cols) + "\n\n" + note
+
+
+# robust SepME's trade-off: rounds x the inversion budget of each round (0 rounds = concept-level SepME)
+TRADEOFF = {"ci": dict(rounds=(0, 1), budgets=(5,), n=4, n_ref=16),
+            "full": dict(rounds=(0, 1, 2, 3), budgets=(100, 300), n=20)}
+
+
+def tradeoff(profile: str = "full", budgets=None, rounds=None, model=None, judge=None, progress: bool = False,
+             checkpoint=None) -> dict:
+    """Robust SepME's rounds x per-round inversion budget (``python -m sepme_lib.bench robustness --tradeoff``): for
+    each point, concept-level SepME erases the three styles together with that many rounds, and each increment is
+    attacked by the evaluation inversion (``methods.ATTACK_BUDGETS``) and the derived embedding. One row per point
+    and style: ``inversion_acc``, ``derived_acc``, ``erased_acc``, ``certified``, ``cpu_s_per_concept``."""
+    prof = dict(config.profile(profile), **TRADEOFF[profile])
+    model = model or load_model("tiny")
+    judge = judge or load_classifier(model=model)
+    n, steps = prof["n"], prof["sample_steps"]
+    evals = {a: dict(methods.ATTACK_BUDGETS[model.family][a], **PROFILES[profile]["budgets"].get(a, {}))
+             for a in ("derived", "inversion")}
+    cons = [c for c in make_concepts(model, STYLES, n_ref=prof["n_ref"])]
+    rounds = prof["rounds"] if rounds is None else rounds
+    points = [(0, None)] * (0 in rounds) + [(r, b) for b in (budgets or prof["budgets"]) for r in rounds if r > 0]
+    rows, t_start = [], time.time()
+    for k, budget in points:
+        extra = dict(methods.concept_level(model), **methods.profile_settings("sepme", prof))
+        if k:
+            extra["robust"] = dict(methods.ROBUST[model.family], rounds=k, inversion_steps=budget)
+        c0 = time.process_time()
+        ds = methods.erase(model, cons, method="sepme", progress=progress, **extra)
+        cpu = (time.process_time() - c0) / len(cons)
+        for d, con in zip(ds, cons):
+            row = dict(rounds=k, budget=budget, concept=con.name, cpu_s_per_concept=round(cpu, 2),
+                       erased_acc=acc_heads(model, judge, [con.name], n, deltas=[d], steps=steps)[con.name]["acc"],
+                       certified=kv_metrics(model, d, con.name, STYLES)["certified_leakage_max"])
+            for a, b in evals.items():
+                row[f"{a}_acc"] = attacks.run(model, judge, [d], con, a, n=n, sample_steps=steps, **b)["acc"]
+            rows.append(row)
+            if progress:
+                print(f"tradeoff rounds {k} budget {budget} {con.name}: inversion {row['inversion_acc']:.2f} "
+                      f"derived {row['derived_acc']:.2f} erased {row['erased_acc']:.2f} cpu {cpu:.0f} s",
+                      file=sys.stderr, flush=True)
+        out = dict(profile=profile, images_per_concept=n, sample_steps=steps, eval_budgets=evals, rows=rows,
+                   total_seconds=round(time.time() - t_start, 1))
+        if checkpoint is not None:
+            checkpoint(out)
+    out["markdown"] = tradeoff_markdown(out)
+    return out
+
+
+def tradeoff_markdown(out: dict) -> str:
+    """One line per (rounds, budget): inversion ACC mean and worst over the styles, derived worst, erased worst."""
+    table = []
+    for key in dict.fromkeys((r["rounds"], r["budget"]) for r in out["rows"]):
+        rs = [r for r in out["rows"] if (r["rounds"], r["budget"]) == key]
+        inv = [r["inversion_acc"] for r in rs]
+        table.append(dict(rounds=key[0], budget=key[1] or "-", inversion_mean=float(np.mean(inv)),
+                          inversion_worst=max(inv), derived_worst=max(r["derived_acc"] for r in rs),
+                          erased_worst=max(r["erased_acc"] for r in rs),
+                          certified=max(r["certified"] for r in rs), cpu_s=max(r["cpu_s_per_concept"] for r in rs)))
+    note = (f"Concept-level SepME + rounds of textual inversion (`budget`: inversion steps per round), the three styles "
+            f"erased together; evaluation: {out['images_per_concept']} images per ACC, attacks {out['eval_budgets']}.")
+    return report.markdown_table(table, list(table[0])) + "\n\n" + note

@@ -139,3 +139,16 @@ def test_attack_budgets_follow_the_family_and_cap_random_sd_in_ci(tiny, tiny_sd)
     full = methods.attack_budgets(tiny_sd, {"sd_cap": None})
     assert full["inversion"] == methods.ATTACK_BUDGETS[tiny_sd.family]["inversion"]
     assert methods.ATTACK_BUDGETS[tiny_sd.family]["inversion"]["steps"] != 3  # the cap changed something
+
+
+def test_tradeoff_points_keep_the_certificate(tiny, clf, monkeypatch):
+    """`bench robustness --tradeoff` plumbing at the smallest sizes: one row per point and style, the 0-round point
+    is concept-level SepME, every point keeps the certificate, and more rounds cost more CPU."""
+    monkeypatch.setitem(robustness.TRADEOFF, "ci", dict(rounds=(0, 1), budgets=(3,), n=2, n_ref=8))
+    monkeypatch.setitem(robustness.PROFILES, "ci", dict(robustness.PROFILES["ci"], budgets={"inversion": dict(steps=2)}))
+    out = robustness.tradeoff("ci", model=tiny, judge=clf)
+    assert [(r["rounds"], r["budget"]) for r in out["rows"]] == [(0, None)] * 3 + [(1, 3)] * 3
+    assert {r["concept"] for r in out["rows"]} == set(robustness.STYLES)
+    assert all(r["certified"] <= 1e-5 and 0 <= r["inversion_acc"] <= 1 for r in out["rows"])
+    assert out["rows"][3]["cpu_s_per_concept"] > out["rows"][0]["cpu_s_per_concept"]
+    assert out["markdown"].count("\n| ") == 2  # two points (rows after the header)
