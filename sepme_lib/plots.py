@@ -95,6 +95,16 @@ def show_grid(images, titles=None, ncols: int = 8, scale: float | None = None, s
     return fig
 
 
+def _finish(fig, ax, title=None):
+    """Title, legend, layout and display of a line plot; returns the figure."""
+    if title:
+        ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    plt.show()
+    return fig
+
+
 def plot_curves(curves: dict, stop_at=None, tau=None, ylabel="loss", title=None):
     """Line plot of named curves; a dashed line at ``tau`` and a marker at the stop step (notebooks 01-04)."""
     fig, ax = plt.subplots(figsize=(5, 2.8), dpi=DPI)
@@ -105,12 +115,20 @@ def plot_curves(curves: dict, stop_at=None, tau=None, ylabel="loss", title=None)
     if stop_at:
         ax.axvline(stop_at, color="red", ls=":", lw=1, label=f"stop at step {stop_at}")
     ax.set_xlabel("step"), ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=11)
-    ax.legend(fontsize=9)
-    fig.tight_layout()
-    plt.show()
-    return fig
+    return _finish(fig, ax, title)
+
+
+def lines(curves: dict, xlabel: str, ylabel: str, title=None, hline=None, hline_label=None):
+    """Named curves ``{name: (xs, ys)}`` with markers; an optional dashed line (a goal) at ``hline`` (notebook 09's
+    rounds x budget curve)."""
+    fig, ax = plt.subplots(figsize=(5, 2.8), dpi=DPI)
+    for name, (xs, ys) in curves.items():
+        ax.plot(xs, ys, "o-", label=name, lw=1.2, ms=4)
+    if hline is not None:
+        ax.axhline(hline, color="gray", ls="--", lw=0.8, label=hline_label)
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel)
+    ax.set_xticks(sorted({x for xs, _ in curves.values() for x in xs}))
+    return _finish(fig, ax, title)
 
 
 def bar(values: dict, ylabel="", log=False, title=None, hline=None):

@@ -169,45 +169,52 @@ def markdown(out: dict) -> str:
     return report.markdown_table(rows, cols) + "\n\n" + note
 
 
-# robust SepME's trade-off: rounds x the inversion budget of each round (0 rounds = concept-level SepME)
-TRADEOFF = {"ci": dict(rounds=(0, 1), budgets=(5,), n=4, n_ref=16),
-            "full": dict(rounds=(0, 1, 2, 3), budgets=(100, 300), n=20)}
+# robust SepME's trade-off: per protection ("concept": the benchmark's sepme_robust; "prompt": the paper's SepME_1),
+# rounds x the inversion budget of each round (0 rounds = no robust training)
+TRADEOFF = {"ci": dict(n=4, n_ref=16, series={"concept": dict(rounds=(0, 1), budgets=(5,))}),
+            "full": dict(n=20, series={"concept": dict(rounds=(0, 1, 2, 3), budgets=(100, 300)),
+                                       "prompt": dict(rounds=(0, 1), budgets=(100,))})}
 
 
-def tradeoff(profile: str = "full", budgets=None, rounds=None, model=None, judge=None, progress: bool = False,
+def tradeoff(profile: str = "full", series=None, model=None, judge=None, progress: bool = False,
              checkpoint=None) -> dict:
     """Robust SepME's rounds x per-round inversion budget (``python -m sepme_lib.bench robustness --tradeoff``): for
-    each point, concept-level SepME erases the three styles together with that many rounds, and each increment is
-    attacked by the evaluation inversion (``methods.ATTACK_BUDGETS``) and the derived embedding. One row per point
-    and style: ``inversion_acc``, ``derived_acc``, ``erased_acc``, ``certified``, ``cpu_s_per_concept``."""
+    each point of each series (``series``: ``{protection: dict(rounds=..., budgets=...)}``, default
+    ``TRADEOFF[profile]``), SepME with that protection (``"concept"``: ``methods.concept_level``; ``"prompt"``: the
+    paper's SepME_1) erases the three styles together with that many rounds, and each increment is attacked by the
+    evaluation inversion (``methods.ATTACK_BUDGETS``) and the derived embedding. One row per point and style:
+    ``inversion_acc``, ``derived_acc``, ``erased_acc``, ``certified``, ``cpu_s_per_concept``."""
     prof = dict(config.profile(profile), **TRADEOFF[profile])
+    series = prof["series"] if series is None else series
+    if set(series) - {"concept", "prompt"}:
+        raise config.BadValue(f"tradeoff series are keyed by protection 'concept' or 'prompt', got {list(series)}")
     model = model or load_model("tiny")
     judge = judge or load_classifier(model=model)
     n, steps = prof["n"], prof["sample_steps"]
     evals = {a: dict(methods.ATTACK_BUDGETS[model.family][a], **PROFILES[profile]["budgets"].get(a, {}))
              for a in ("derived", "inversion")}
     cons = [c for c in make_concepts(model, STYLES, n_ref=prof["n_ref"])]
-    rounds = prof["rounds"] if rounds is None else rounds
-    points = [(0, None)] * (0 in rounds) + [(r, b) for b in (budgets or prof["budgets"]) for r in rounds if r > 0]
+    points = [(prot, 0, None) for prot, sp in series.items() if 0 in sp["rounds"]]
+    points += [(prot, r, b) for prot, sp in series.items() for b in sp["budgets"] for r in sp["rounds"] if r > 0]
     rows, t_start = [], time.time()
-    for k, budget in points:
-        extra = dict(methods.concept_level(model), **methods.profile_settings("sepme", prof))
+    for prot, k, budget in points:
+        extra = dict(methods.concept_level(model) if prot == "concept" else {}, **methods.profile_settings("sepme", prof))
         if k:
             extra["robust"] = dict(methods.ROBUST[model.family], rounds=k, inversion_steps=budget)
         c0 = time.process_time()
         ds = methods.erase(model, cons, method="sepme", progress=progress, **extra)
         cpu = (time.process_time() - c0) / len(cons)
         for d, con in zip(ds, cons):
-            row = dict(rounds=k, budget=budget, concept=con.name, cpu_s_per_concept=round(cpu, 2),
+            row = dict(protection=prot, rounds=k, budget=budget, concept=con.name, cpu_s_per_concept=round(cpu, 2),
                        erased_acc=acc_heads(model, judge, [con.name], n, deltas=[d], steps=steps)[con.name]["acc"],
                        certified=kv_metrics(model, d, con.name, STYLES)["certified_leakage_max"])
             for a, b in evals.items():
                 row[f"{a}_acc"] = attacks.run(model, judge, [d], con, a, n=n, sample_steps=steps, **b)["acc"]
             rows.append(row)
             if progress:
-                print(f"tradeoff rounds {k} budget {budget} {con.name}: inversion {row['inversion_acc']:.2f} "
-                      f"derived {row['derived_acc']:.2f} erased {row['erased_acc']:.2f} cpu {cpu:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(f"tradeoff {prot}-level rounds {k} budget {budget} {con.name}: inversion "
+                      f"{row['inversion_acc']:.2f} derived {row['derived_acc']:.2f} erased {row['erased_acc']:.2f} "
+                      f"cpu {cpu:.0f} s", file=sys.stderr, flush=True)
         out = dict(profile=profile, images_per_concept=n, sample_steps=steps, eval_budgets=evals, rows=rows,
                    total_seconds=round(time.time() - t_start, 1))
         if checkpoint is not None:
@@ -216,16 +223,36 @@ def tradeoff(profile: str = "full", budgets=None, rounds=None, model=None, judge
     return out
 
 
-def tradeoff_markdown(out: dict) -> str:
-    """One line per (rounds, budget): inversion ACC mean and worst over the styles, derived worst, erased worst."""
+def tradeoff_points(out: dict) -> list[dict]:
+    """One record per (rounds, budget) of :func:`tradeoff`'s rows: inversion ACC mean and worst over the styles,
+    derived and erased worst, certified leakage and CPU seconds per concept (notebook 09's curve and table)."""
     table = []
-    for key in dict.fromkeys((r["rounds"], r["budget"]) for r in out["rows"]):
-        rs = [r for r in out["rows"] if (r["rounds"], r["budget"]) == key]
+    for key in dict.fromkeys((r["protection"], r["rounds"], r["budget"]) for r in out["rows"]):
+        rs = [r for r in out["rows"] if (r["protection"], r["rounds"], r["budget"]) == key]
         inv = [r["inversion_acc"] for r in rs]
-        table.append(dict(rounds=key[0], budget=key[1] or "-", inversion_mean=float(np.mean(inv)),
+        table.append(dict(protection=key[0], rounds=key[1], budget=key[2] or "-", inversion_mean=float(np.mean(inv)),
                           inversion_worst=max(inv), derived_worst=max(r["derived_acc"] for r in rs),
                           erased_worst=max(r["erased_acc"] for r in rs),
                           certified=max(r["certified"] for r in rs), cpu_s=max(r["cpu_s_per_concept"] for r in rs)))
-    note = (f"Concept-level SepME + rounds of textual inversion (`budget`: inversion steps per round), the three styles "
+    return table
+
+
+def tradeoff_curves(out: dict) -> dict:
+    """``{"<protection>-level, <budget> steps/round": (rounds, mean inversion ACC per rounds)}``, each curve starting
+    at its protection's 0-round point."""
+    points = sorted(tradeoff_points(out), key=lambda p: p["rounds"])
+    curves = {}
+    for prot in dict.fromkeys(p["protection"] for p in points):
+        zero = [p for p in points if p["protection"] == prot and p["rounds"] == 0]
+        for b in dict.fromkeys(p["budget"] for p in points if p["protection"] == prot and p["rounds"] > 0):
+            ps = zero + [p for p in points if p["protection"] == prot and p["budget"] == b and p["rounds"] > 0]
+            curves[f"{prot}-level, {b} steps/round"] = ([p["rounds"] for p in ps], [p["inversion_mean"] for p in ps])
+    return curves
+
+
+def tradeoff_markdown(out: dict) -> str:
+    """:func:`tradeoff_points` as a table, with the evaluation's settings."""
+    table = tradeoff_points(out)
+    note = (f"SepME (concept- or prompt-level protection) + rounds of textual inversion (`budget`: inversion steps per round), the three styles "
             f"erased together; evaluation: {out['images_per_concept']} images per ACC, attacks {out['eval_budgets']}.")
     return report.markdown_table(table, list(table[0])) + "\n\n" + note

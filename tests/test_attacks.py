@@ -144,7 +144,8 @@ def test_attack_budgets_follow_the_family_and_cap_random_sd_in_ci(tiny, tiny_sd)
 def test_tradeoff_points_keep_the_certificate(tiny, clf, monkeypatch):
     """`bench robustness --tradeoff` plumbing at the smallest sizes: one row per point and style, the 0-round point
     is concept-level SepME, every point keeps the certificate, and more rounds cost more CPU."""
-    monkeypatch.setitem(robustness.TRADEOFF, "ci", dict(rounds=(0, 1), budgets=(3,), n=2, n_ref=8))
+    monkeypatch.setitem(robustness.TRADEOFF, "ci", dict(n=2, n_ref=8,
+                                                        series={"concept": dict(rounds=(0, 1), budgets=(3,))}))
     monkeypatch.setitem(robustness.PROFILES, "ci", dict(robustness.PROFILES["ci"], budgets={"inversion": dict(steps=2)}))
     out = robustness.tradeoff("ci", model=tiny, judge=clf)
     assert [(r["rounds"], r["budget"]) for r in out["rows"]] == [(0, None)] * 3 + [(1, 3)] * 3
@@ -152,3 +153,8 @@ def test_tradeoff_points_keep_the_certificate(tiny, clf, monkeypatch):
     assert all(r["certified"] <= 1e-5 and 0 <= r["inversion_acc"] <= 1 for r in out["rows"])
     assert out["rows"][3]["cpu_s_per_concept"] > out["rows"][0]["cpu_s_per_concept"]
     assert out["markdown"].count("\n| ") == 2  # two points (rows after the header)
+    means = [sum(r["inversion_acc"] for r in out["rows"][i:i + 3]) / 3 for i in (0, 3)]
+    ((name, (rounds, ys)),) = robustness.tradeoff_curves(out).items()
+    assert name == "concept-level, 3 steps/round" and rounds == [0, 1] and ys == pytest.approx(means)
+    with pytest.raises(sm.SepmeError, match="keyed by protection"):
+        robustness.tradeoff("ci", series={"word": dict(rounds=(1,), budgets=(3,))}, model=tiny, judge=clf)
