@@ -85,7 +85,7 @@ def benchmark(profile: str = "ci", method_names=None, progress: bool = False, mo
     """The robustness table (module docstring) in ``profile`` (``ci``: striped, small budgets; ``full``: the three
     styles, the budgets of ``methods.ATTACK_BUDGETS``). ``previous``: an earlier result of the same profile whose
     methods are kept and not rerun; ``checkpoint(out)``: called after each method with the partial result."""
-    prof = dict(config.profile(profile), **PROFILES[profile])
+    prof = dict(config.profile(profile := config.bench_profile(profile)), **PROFILES[profile])
     names = method_list() if method_names is None else list(method_names)
     unknown = [m for m in names if m not in method_list()]
     if unknown:
@@ -180,7 +180,7 @@ def tradeoff(profile: str = "full", budgets=None, rounds=None, model=None, judge
     each point, concept-level SepME erases the three styles together with that many rounds, and each increment is
     attacked by the evaluation inversion (``methods.ATTACK_BUDGETS``) and the derived embedding. One row per point
     and style: ``inversion_acc``, ``derived_acc``, ``erased_acc``, ``certified``, ``cpu_s_per_concept``."""
-    prof = dict(config.profile(profile), **TRADEOFF[profile])
+    prof = dict(config.profile(profile := config.bench_profile(profile)), **TRADEOFF[profile])
     model = model or load_model("tiny")
     judge = judge or load_classifier(model=model)
     n, steps = prof["n"], prof["sample_steps"]
