@@ -37,7 +37,7 @@ EFFICIENCY = 0.15  # assumed share of the peak reached by the UNet pass (module 
 LOAD_S = 60.0  # assumed: reading SD 1.4's ~2.1 GB of fp16 weights from Colab's disk and moving them to the GPU
 T4_GIB = 15.0  # of the T4's 16 GB (15 GiB) about 15 GiB can be allocated; the limit the estimates are held to
 MINUTES = 20.0  # the per-notebook time budget of the colab profile
-SEARCH_BATCH = 4 * 16  # a prompt-search pass: 16 candidates x methods.ATTACK_BUDGETS["sd"] batch 4 (attacks.losses)
+SEARCH_BATCH = 4 * 16  # a prompt-search pass: 16 candidates x 4 x_t (attacks.prompt_search, ATTACK_BUDGETS["sd"])
 RESULT = "colab_t4_estimate.json"
 
 
@@ -103,7 +103,8 @@ def op_estimates(rows: dict, flops: dict) -> dict:
     d = rows["ddim_image"]
     batch = families.get("sd").batch
     fixed = (flops["vae_decode"] + flops["text_encoder"]) / rate
-    out["ddim_step"] = dict(seconds=flops["unet_forward"] / rate, peak_gib=mem("ddim_image", batch / d["shape"]["images"]),
+    out["ddim_step"] = dict(seconds=flops["unet_forward"] / rate,
+                            peak_gib=mem("ddim_image", batch / d["shape"]["images"]),
                             basis=f"one UNet pass per image and step; memory: {batch} images per sampling batch "
                                   f"(families 'sd'), activations x {batch / d['shape']['images']:g}")
     out["image_fixed"] = dict(seconds=fixed, peak_gib=out["ddim_step"]["peak_gib"],
