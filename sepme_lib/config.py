@@ -118,10 +118,11 @@ PROFILES = {
     # search). An estimate, never measured on a T4: FLOPs counted with FlopCounterMode on the full-size SD 1.4 (meta
     # device) / (65 TFLOPS fp16 peak x 15 %), training derated by its CPU-measured efficiency; memory = the fp32 peaks
     # of data/results/gpu_path_cpu.json halved for fp16 (README, "Running on a GPU"). 3 images per class at 15 DDIM
-    # steps, 2 per class in the combination tables, 8 reference images; `sd_cap` caps SepME / G-CiRs / fine-tuning
-    # steps and the attacks' loops (methods.course_settings, methods.attack_budgets) at 80. On the bundled model
+    # steps, 3 per class in the combination tables, 8 reference images; `sd_cap` caps SepME / G-CiRs / fine-tuning
+    # steps and the attacks' loops (methods.course_settings, methods.attack_budgets) at 80. Any one size a step
+    # larger (4 images, 16 DDIM steps, 4 table images, cap 100) takes a notebook past 20 min. On the bundled model
     # `colab` takes full's sizes (profile()): the tiny model needs no cut on a GPU. Benchmarks: ci and full only.
-    "colab": dict(images_per_concept=3, table_images=2, finetune_steps=None, sample_steps=15, grid=4, n_ref=8,
+    "colab": dict(images_per_concept=3, table_images=3, finetune_steps=None, sample_steps=15, grid=4, n_ref=8,
                   sd_cap=80),
 }
 BENCH_PROFILES = ("ci", "full")  # the benchmarks run on the bundled model: their results files are named by these
