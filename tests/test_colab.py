@@ -92,3 +92,16 @@ def test_every_header_names_the_colab_profile_and_its_estimate(committed):
         found = re.findall(r"about (\d+) min with `PROFILE = \"colab\"`", text)
         assert found == [f"{minutes[path.stem]:.0f}"], (path.name, found, minutes[path.stem])
         assert "estimate" in text and "colab_t4_estimate.json" in text, path.name
+
+
+def test_colab_caps_training_and_attacks_on_sd_only(tiny_sd, tiny):
+    from sepme_lib import methods
+
+    sd, bundled = config.profile("colab", "sd"), config.profile("colab", "tiny")
+    cap = sd["sd_cap"]
+    assert methods.course_settings("sepme", tiny_sd, sd) == {"cap": cap}
+    assert methods.course_settings("fmn", tiny_sd, sd) == {"steps": cap}
+    budgets = methods.attack_budgets(tiny_sd, sd)
+    assert budgets["inversion"]["steps"] == cap and budgets["robust"]["inversion_steps"] == cap
+    assert methods.course_settings("sepme", tiny, bundled) == {}  # the bundled model trains as in full
+    assert methods.profile_settings("esd", sd) == methods.profile_settings("esd", bundled) == {}
