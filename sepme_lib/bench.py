@@ -127,7 +127,7 @@ def bench_sepme(profile: str = "ci", progress: bool = True, checkpoint=None, sec
     (a subset of :data:`SEPME_SECTIONS`) with ``previous`` (an earlier result of the same profile) recomputes only those
     sections on the earlier run's original ACC and keeps the rest, recording which sections were rerun and when."""
     checkpoint = checkpoint or (lambda out: None)
-    prof = config.profile(profile)
+    prof = config.profile(config.bench_profile(profile))
     n, steps = prof["images_per_concept"], prof["sample_steps"]
     model = load_model("tiny")
     clf = load_classifier(device=model.device)
@@ -189,7 +189,7 @@ def bench_joint(profile: str = "full", progress: bool = True) -> dict:
     trained together in one loop with the bundled model's defaults (``methods.DEFAULTS``), then every combination
     ``theta + sum_{i in S} dTheta_i`` judged on every style with the profile's ``images_per_concept`` images
     (``evaluate.combination_table``; its rows carry the judge's heads where the library gives them)."""
-    prof = config.profile(profile, "tiny")
+    prof = config.profile(config.bench_profile(profile), "tiny")
     n, steps = prof["images_per_concept"], prof["sample_steps"]
     model = load_model("tiny")
     clf = load_classifier(device=model.device)
@@ -246,7 +246,7 @@ def relatives_benchmark(profile: str = "ci", methods_=None, progress: bool = Fal
     (erased concepts and others separately), ``||dtheta||_p`` (summed over a method's deltas), seconds per edit, and
     the red-team ACC of RECE's derived embedding on the erased concepts. Overrides per profile:
     ``methods.profile_settings``. Returns a JSON-able dict (``methods[m]`` with means and ``rows``; ``markdown``)."""
-    prof = config.profile(profile)
+    prof = config.profile(config.bench_profile(profile))
     n, steps = prof["images_per_concept"], prof["sample_steps"]
     names = list(methods_ or methods.METHODS)
     unknown = [m for m in names if m not in methods.METHODS]
@@ -316,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object instead of markdown")
     common.add_argument("--save", action="store_true", help="also write data/results/<what>_<profile>.json")
     prof = argparse.ArgumentParser(add_help=False)
-    prof.add_argument("--profile", choices=list(config.PROFILES), default=None,
+    prof.add_argument("--profile", choices=list(config.BENCH_PROFILES), default=None,
                       help="ci or full (default: $PROFILE, else full)")
     w = sub.add_parser("world", parents=[common], help="renders per second")
     w.add_argument("--images", type=config.positive_int, default=5000)

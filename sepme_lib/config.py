@@ -1,6 +1,7 @@
 """Settings in one place: paths, profiles, the device helper, threads, the library version.
 
-Notebooks read ``PROFILE`` from the environment (``ci`` = tiny and fast, ``full`` = paper-sized) and get every
+Notebooks read ``PROFILE`` from the environment (``ci`` = tiny and fast, ``full`` = paper-sized, ``colab`` = Stable
+Diffusion sized for a Colab T4) and get every
 size from :func:`profile`. Nothing else in the library hard-codes a device or a size. The hyper-parameters of
 the methods (paper values for Stable Diffusion, tuned values for the bundled model) are in one table,
 ``methods.DEFAULTS``.
@@ -111,7 +112,20 @@ PROFILES = {
                n_ref=64, sd_cap=20),
     "full": dict(images_per_concept=50, table_images=20, finetune_steps=None, sample_steps=TINY_SAMPLE_STEPS,
                  grid=8, n_ref=64, sd_cap=None),
+    # Stable Diffusion 1.4 in fp16 on a Colab T4 (16 GB): sizes chosen so that every notebook 00-09 is estimated at
+    # <= 20 min and <= 16 GB there (`python -m sepme_lib.t4 --save` -> data/results/colab_t4_estimate.json; the
+    # largest, notebook 06, 19.6 min, most of it images and CPU closed forms; peak 9.4 GiB, notebook 09's prompt
+    # search). An estimate, never measured on a T4: FLOPs counted with FlopCounterMode on the full-size SD 1.4 (meta
+    # device) / (65 TFLOPS fp16 peak x 15 %), training derated by its CPU-measured efficiency; memory = the fp32 peaks
+    # of data/results/gpu_path_cpu.json halved for fp16 (README, "Running on a GPU"). 3 images per class at 15 DDIM
+    # steps, 3 per class in the combination tables, 8 reference images; `sd_cap` caps SepME / G-CiRs / fine-tuning
+    # steps and the attacks' loops (methods.course_settings, methods.attack_budgets) at 80. Any one size a step
+    # larger (4 images, 16 DDIM steps, 4 table images, cap 100) takes a notebook past 20 min. On the bundled model
+    # `colab` takes full's sizes (profile()): the tiny model needs no cut on a GPU. Benchmarks: ci and full only.
+    "colab": dict(images_per_concept=3, table_images=3, finetune_steps=None, sample_steps=15, grid=4, n_ref=8,
+                  sd_cap=80),
 }
+BENCH_PROFILES = ("ci", "full")  # the benchmarks run on the bundled model: their results files are named by these
 
 
 def positive_int(text: str) -> int:
@@ -132,14 +146,29 @@ PLUMBING = dict(images_per_concept=4, table_images=4, sample_steps=4, n_ref=8)
 
 def profile(name: str | None = None, model: str | None = None) -> dict:
     """The size settings of a profile; ``name`` defaults to ``$PROFILE`` (else ``"full"``), ``model`` to
-    ``$MODEL``. In ``ci`` on a model other than the bundled one the counts are :data:`PLUMBING`'s."""
+    ``$MODEL``. In ``ci`` on a model other than the bundled one the counts are :data:`PLUMBING`'s; ``colab`` on the
+    bundled model is ``full``'s sizes (named ``colab``)."""
     name = name or os.environ.get("PROFILE", "full")
     if name not in PROFILES:
         raise BadValue(f"unknown PROFILE {name!r}; use one of {', '.join(PROFILES)}")
     out = dict(PROFILES[name], name=name)
-    if name == "ci" and (model or model_name()) != "tiny":
+    tiny = (model or model_name()) == "tiny"
+    if name == "ci" and not tiny:
         out.update(PLUMBING)
+    if name == "colab" and tiny:
+        out.update(PROFILES["full"])
     return out
+
+
+def bench_profile(name: str | None = None) -> str:
+    """``name`` (default ``$PROFILE``, else ``"full"``) if a benchmark runs in it (:data:`BENCH_PROFILES`), else a
+    clear error: the benchmarks run on the bundled model and save ``<what>_<profile>.json``."""
+    name = name or os.environ.get("PROFILE", "full")
+    if name not in BENCH_PROFILES:
+        raise BadValue(f"the benchmarks run in the {' or '.join(BENCH_PROFILES)} profile, not {name!r}"
+                       + (" (colab sizes the notebooks on Stable Diffusion on a Colab T4; on the bundled model it is "
+                          "full: use --profile full, or PROFILE=full)" if name == "colab" else ""))
+    return name
 
 
 def model_name(default: str = "tiny") -> str:

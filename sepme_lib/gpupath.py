@@ -236,43 +236,70 @@ def derived(rows: dict, profile: str) -> list[dict]:
 
 
 def notebook_counts(P: dict) -> dict:
-    """Per notebook on SD: (images sampled, reference images, SepME training steps, G-CiRs / fine-tuning steps,
-    closed-form solves), read from each
-    notebook's SD path and rounded (grids and guidance sweeps counted approximately). Training at the step cap
-    (``sd_cap`` in ci, the paper's 1000 otherwise; notebook 06 in full: ESD-x 1000, Ablating 200, FMN 35,
-    All-but-One 200 steps): an upper bound, Eq. 4 may stop earlier."""
-    E, V, n, nt, g = E_SD, V_SD, P["images_per_concept"], P["table_images"], P["grid"]
-    cap = P["sd_cap"] or gcirs.Settings().cap
-    ft = 20 if P["sd_cap"] else 1000 + 200 + 35 + 200  # notebook 06: ESD-x, Ablating, FMN, All-but-One
-    return {
-        "00_setup_and_tour": (V * g + 8 + 5 * n + V * n, E * g, 0, 0, 0),
-        "01_diffusion_basics": (4 * n + 5, E * 8, 0, 0, 0),
-        "02_gcirs_correlation_loss": (16 + 2 * V * n, E * P["n_ref"], 0, 2 * cap, 0),
-        "03_weight_decoupling_nullspace": (8 * 4 + 2 ** E * V * nt, E * P["n_ref"], 3 * cap + 2 * 20, 0, 0),
-        "04_iterative_erasure_and_restoration": (8 * 4 + 4 * V * n + 5 * n, E * P["n_ref"], 2 * cap, cap, 0),
-        "05_interactive_combination": (3 * n, E * P["n_ref"], 3 * cap, 0, 0),
-        "06_relatives_closed_form_and_baselines": (8 * V * n + 6 * n + 48, (1 + E) * P["n_ref"], 0, ft, 12),
-        "07_evaluation_and_reproduction": (V * n + 2 ** E * V * nt + 8, E * P["n_ref"], 3 * cap, 0, 0),
-        "08_beyond_prompt_level_separability": (3 * 8 * 3, E * P["n_ref"], 3 * cap, 0, 3),
-    }
+    """Per notebook on SD: ``images`` sampled, ``refs`` (reference images), ``sepme`` training steps, ``gcirs``
+    (G-CiRs / fine-tuning steps, notebook 01's cross-attention fine-tuning included), ``solves`` (closed forms),
+    ``inversion`` (textual-inversion steps of batch 1) and ``search`` (prompt-search loss evaluations: one UNet pass of
+    4 ``x_t``), read from each notebook's SD path and rounded (grids counted approximately). The branches the
+    notebooks take on ``PROFILE == "ci"`` / ``"full"`` follow ``P["name"]`` (``colab`` takes neither). Training at the
+    step cap (``sd_cap``, else the paper's 1000; notebook 06 in full: ESD-x 1000, Ablating 200, FMN 35, All-but-One
+    200): an upper bound, Eq. 4 may stop earlier. Attacks (notebook 09): ``methods.ATTACK_BUDGETS["sd"]``, capped by
+    ``sd_cap`` as ``methods.attack_budgets`` does."""
+    E, V, n, nt, g, R = E_SD, V_SD, P["images_per_concept"], P["table_images"], P["grid"], P["n_ref"]
+    cap, name = P["sd_cap"] or gcirs.Settings().cap, P["name"]
+    full, ci = name == "full", name == "ci"
+    inv = P["sd_cap"] or methods.ATTACK_BUDGETS["sd"]["inversion"]["steps"]
+    ps = methods.ATTACK_BUDGETS["sd"]["prompt_search"]
+    search = 1 * P["sd_cap"] if P["sd_cap"] else ps["tokens"] * ps["sweeps"] * ps["candidates"]
+    # notebook 06: every method in full (TRAIN_ALL), else all but G-CiRs, ESD, Ablating, All-but-One; 2 classes unless
+    # full; UCE's erase-weight sweep (5 values in ci, else 8; e = 1 reuses the table); 3 concepts by 2 or 4 closed forms
+    live6, cls6, sweep6 = (10 if full else 6), (V if full else 2), (5 if ci else 8)
+    cls3, m3 = (V if full else 4), (4 if full else 2)
+    ft6 = (1000 + 1000 + 200 + 35 + 200) if full else cap  # G-CiRs, ESD-x, Ablating, FMN, All-but-One | FMN at the cap
+    strengths5 = 4 if ci else 7
+    row = dict(images=0, refs=0, sepme=0, gcirs=0, solves=0, inversion=0, search=0)
+    return {k: dict(row, **v) for k, v in {
+        "00_setup_and_tour": dict(images=V * g + 8 + 5 * n + V * n, refs=E * g),
+        "01_diffusion_basics": dict(images=4 * n + 5, refs=E * 8, gcirs=P["sd_cap"] or 60),
+        "02_gcirs_correlation_loss": dict(images=16 + 2 * V * n, refs=E * R, gcirs=2 * cap),
+        "03_weight_decoupling_nullspace": dict(images=8 * 4 + 2 ** E * V * nt, refs=E * R, sepme=3 * cap + 2 * 20),
+        "04_iterative_erasure_and_restoration": dict(images=8 * 4 + 4 * V * n + 5 * n, refs=E * R, sepme=2 * cap,
+                                                     gcirs=cap),
+        "05_interactive_combination": dict(images=3 * n + strengths5 * 4 * n + 16, refs=E * R, sepme=3 * cap),
+        "06_relatives_closed_form_and_baselines": dict(
+            images=cls6 * n + live6 * (cls6 + 1) * n + (1 + live6) * 3 + (sweep6 - 1) * cls6 * n + m3 * cls3 * n,
+            refs=(1 + E) * R, sepme=cap, gcirs=ft6, solves=4 + sweep6 - 1 + 4 + 1 + m3),
+        "07_evaluation_and_reproduction": dict(images=V * n + 2 ** E * V * nt + 24, refs=E * R, sepme=3 * cap),
+        # notebook 08: 5 judged classes x table_images, for the original, 3 + 3 + 3 increments and the 2-point curve
+        "08_beyond_prompt_level_separability": dict(images=(1 + 9 + 3) * 5 * nt + 12, refs=E * R, sepme=8 * cap,
+                                                    solves=3),
+        # notebook 09: derived, plain, inversion, search + its ceiling, inversion of robust SepME, its table (3 x n)
+        "09_erased_or_hidden": dict(images=9 * n + 6, refs=E * R, sepme=3 * cap + 2 * cap,
+                                    inversion=10 + 3 * inv, search=2 * search),
+    }.items()}
 
 
 def notebook_estimates(rows: dict, profile: str) -> list[dict]:
+    """Each notebook's seconds and peak on the device of ``rows`` (formula in ``basis``). Inversion steps are
+    counted as SepME steps (both: a UNet pass with gradients back through it; an upper bound) and a prompt-search
+    evaluation (4 x_t) as two ``unet_forward`` rows."""
     P = config.profile(profile, "sd")
     img = _image_s(rows, P["sample_steps"])
     step, gstep = rows["train_sepme"]["seconds"], rows["train_gcirs"]["seconds"]
-    solve = max(rows[m]["seconds"] for m in ("uce", "rece", "speed"))
+    solve, fwd = max(rows[m]["seconds"] for m in ("uce", "rece", "speed")), rows["unet_forward"]["seconds"]
     out = []
-    for nb, (imgs, refs, sep_steps, g_steps, solves) in notebook_counts(P).items():
-        secs = rows["load"]["seconds"] + (imgs + refs) * img + sep_steps * step + g_steps * gstep + solves * solve
-        peaks = [rows["ddim_image"]["peak_mem_gib"]] + ([rows["train_sepme"]["peak_mem_gib"]] if sep_steps else [])
-        peaks += [rows["train_gcirs"]["peak_mem_gib"]] if g_steps else []
+    for nb, c in notebook_counts(P).items():
+        secs = (rows["load"]["seconds"] + (c["images"] + c["refs"]) * img + (c["sepme"] + c["inversion"]) * step
+                + c["gcirs"] * gstep + c["solves"] * solve + c["search"] * 2 * fwd)
+        peaks = [rows["ddim_image"]["peak_mem_gib"]] + ([rows["train_sepme"]["peak_mem_gib"]] if c["sepme"] +
+                                                        c["inversion"] else [])
+        peaks += [rows["train_gcirs"]["peak_mem_gib"]] if c["gcirs"] else []
         out.append(dict(notebook=nb, profile=profile, measured=False, seconds=secs, hours=secs / 3600,
-                        peak_mem_gib=max(peaks), images=imgs + refs, train_steps=sep_steps + g_steps,
-                        closed_form_solves=solves,
-                        basis=f"load + {imgs + refs} images x {img:.3g} s ({P['sample_steps']} steps) + {sep_steps} "
-                              f"SepME steps x {step:.3g} s + {g_steps} G-CiRs/fine-tuning steps x {gstep:.3g} s + "
-                              f"{solves} solves x {solve:.3g} s"))
+                        peak_mem_gib=max(peaks), images=c["images"] + c["refs"], train_steps=c["sepme"] + c["gcirs"],
+                        closed_form_solves=c["solves"], inversion_steps=c["inversion"], search_evaluations=c["search"],
+                        basis=f"load + {c['images'] + c['refs']} images x {img:.3g} s ({P['sample_steps']} steps) + "
+                              f"{c['sepme']} SepME + {c['inversion']} inversion steps x {step:.3g} s + {c['gcirs']} "
+                              f"G-CiRs/fine-tuning steps x {gstep:.3g} s + {c['solves']} solves x {solve:.3g} s + "
+                              f"{c['search']} search evaluations x 2 x {fwd:.3g} s"))
     return out
 
 
@@ -295,7 +322,7 @@ def environment(device: torch.device) -> dict:
 def gpu_path(model_path: str, device=None, dtype=None, isolate: bool = True, repeats: int = 3, slow_s: float = 60.0,
              steps: int = 2, images: int | None = None, ops=OPS, progress=None) -> dict:
     """Every row of :data:`OPS` (each in its own subprocess when ``isolate``), the derived rows and the notebook
-    estimates for the ``ci`` and ``full`` profiles, and the capacity table (``nullspace.capacity_rows``)."""
+    estimates for every profile (``config.PROFILES``), and the capacity table (``nullspace.capacity_rows``)."""
     dev = config.get_device(device)
     if dtype is None:
         dtype = config.default_dtype(model_path, dev)
@@ -320,9 +347,9 @@ def gpu_path(model_path: str, device=None, dtype=None, isolate: bool = True, rep
                memory="fresh subprocess per op" if isolate else "one process (CPU peak reset per op)",
                rows=list(rows.values()))
     if all(o in rows for o in OPS):
-        for p in ("ci", "full"):
+        for p in config.PROFILES:
             out["rows"] += derived(rows, p)
-        out["notebooks"] = [e for p in ("ci", "full") for e in notebook_estimates(rows, p)]
+        out["notebooks"] = [e for p in config.PROFILES for e in notebook_estimates(rows, p)]
     out["capacity"] = nullspace.capacity_rows()
     return out
 

@@ -274,7 +274,7 @@ def attack_budgets(model, prof: dict) -> dict:
 def course_settings(method: str, model, prof: dict) -> dict:
     """Overrides of ``method`` in notebooks 02-05 for a profile: none on the bundled model (SepME and G-CiRs train
     as in full, stopped by Eq. 4, since that is what those notebooks teach); on Stable Diffusion in ``ci`` (random
-    weights on a CPU, ``make test-sd``) the trained methods stop after ``prof["sd_cap"]`` steps."""
+    weights on a CPU, ``make test-sd``) and ``colab`` (a T4) the trained methods stop after ``prof["sd_cap"]`` steps."""
     check_method(method)
     if not families.family_of(model).ci_cap or prof.get("sd_cap") is None or method in CLOSED_FORM:
         return {}

@@ -85,7 +85,7 @@ def benchmark(profile: str = "ci", method_names=None, progress: bool = False, mo
     """The robustness table (module docstring) in ``profile`` (``ci``: striped, small budgets; ``full``: the three
     styles, the budgets of ``methods.ATTACK_BUDGETS``). ``previous``: an earlier result of the same profile whose
     methods are kept and not rerun; ``checkpoint(out)``: called after each method with the partial result."""
-    prof = dict(config.profile(profile), **PROFILES[profile])
+    prof = dict(config.profile(profile := config.bench_profile(profile)), **PROFILES[profile])
     names = method_list() if method_names is None else list(method_names)
     unknown = [m for m in names if m not in method_list()]
     if unknown:
@@ -184,7 +184,7 @@ def tradeoff(profile: str = "full", series=None, model=None, judge=None, progres
     paper's SepME_1) erases the three styles together with that many rounds, and each increment is attacked by the
     evaluation inversion (``methods.ATTACK_BUDGETS``) and the derived embedding. One row per point and style:
     ``inversion_acc``, ``derived_acc``, ``erased_acc``, ``certified``, ``cpu_s_per_concept``."""
-    prof = dict(config.profile(profile), **TRADEOFF[profile])
+    prof = dict(config.profile(profile := config.bench_profile(profile)), **TRADEOFF[profile])
     series = prof["series"] if series is None else series
     if set(series) - {"concept", "prompt"}:
         raise config.BadValue(f"tradeoff series are keyed by protection 'concept' or 'prompt', got {list(series)}")

@@ -312,7 +312,7 @@ def benchmark(profile: str = "ci", entries=None, progress: bool = False, checkpo
     ``images_per_concept`` per concept and combination), the speed of SepME today and concept-level
     (:func:`timing`, ``repeats``: 3 in ``full``, 1 in ``ci``) and the trade-off curve (:data:`CURVE`).
     ``checkpoint(out)`` is called after each part with the results so far."""
-    prof = config.profile(profile)
+    prof = config.profile(config.bench_profile(profile))
     entries = list(entries or SPECS)
     unknown = [e for e in entries if e not in SPECS]
     if unknown:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sepme_lib import bench, gpupath, nullspace, random_sd
+from sepme_lib import bench, config, gpupath, nullspace, random_sd
 from sepme_lib.concepts import Concept, CONCEPT_SETS
 from sepme_lib.config import BadValue
 
@@ -54,7 +54,7 @@ def test_gpu_path_prints_every_row_on_the_small_random_sd(random_sd_folder, caps
                 "rows", "notebooks", "capacity"):
         assert key in res, key
     rows = {r["op"]: r for r in res["rows"]}
-    expected = set(gpupath.OPS) | {f"{k}_{p}" for k in ("reference_set", "combination_table") for p in ("ci", "full")}
+    expected = set(gpupath.OPS) | {f"{k}_{p}" for k in ("reference_set", "combination_table") for p in config.PROFILES}
     assert set(rows) == expected
     for r in rows.values():
         assert math.isfinite(r["seconds"]) and r["seconds"] > 0, r
@@ -66,7 +66,7 @@ def test_gpu_path_prints_every_row_on_the_small_random_sd(random_sd_folder, caps
     assert rows["null_space"]["shape"]["d_in"] == 256 and rows["null_space"]["shape"]["prompts"] == 9
     assert rows["train_sepme"]["shape"]["batch"] == 1  # the paper's batch (methods.DEFAULTS["sepme"]["sd"])
     nbs = res["notebooks"]
-    assert len(nbs) == 2 * 9 and {n["profile"] for n in nbs} == {"ci", "full"}
+    assert len(nbs) == 3 * 10 and {n["profile"] for n in nbs} == {"ci", "full", "colab"}
     assert all(math.isfinite(n["seconds"]) and n["seconds"] > 0 and n["basis"] for n in nbs)
 
 

@@ -29,6 +29,7 @@ LAYERS = [
     ["train_tiny", "train_classifier"],
     ["random_sd"],
     ["gpupath"],
+    ["t4"],
     ["bench", "course", "scaleout"],
     ["cli"],
     ["__main__"],
