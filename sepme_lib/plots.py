@@ -95,11 +95,11 @@ def show_grid(images, titles=None, ncols: int = 8, scale: float | None = None, s
     return fig
 
 
-def _finish(fig, ax, title=None):
-    """Title, legend, layout and display of a line plot; returns the figure."""
+def _finish(fig, ax, title=None, legend_outside: bool = False):
+    """Title, legend (inside, or right of the axes), layout and display of a line plot; returns the figure."""
     if title:
         ax.set_title(title, fontsize=11)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=9, **(dict(loc="upper left", bbox_to_anchor=(1.02, 1.0)) if legend_outside else {}))
     fig.tight_layout()
     plt.show()
     return fig
@@ -121,14 +121,14 @@ def plot_curves(curves: dict, stop_at=None, tau=None, ylabel="loss", title=None)
 def lines(curves: dict, xlabel: str, ylabel: str, title=None, hline=None, hline_label=None):
     """Named curves ``{name: (xs, ys)}`` with markers; an optional dashed line (a goal) at ``hline`` (notebook 09's
     rounds x budget curve)."""
-    fig, ax = plt.subplots(figsize=(5, 2.8), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(7.5, 2.8), dpi=DPI)
     for name, (xs, ys) in curves.items():
         ax.plot(xs, ys, "o-", label=name, lw=1.2, ms=4)
     if hline is not None:
         ax.axhline(hline, color="gray", ls="--", lw=0.8, label=hline_label)
     ax.set_xlabel(xlabel), ax.set_ylabel(ylabel)
     ax.set_xticks(sorted({x for xs, _ in curves.values() for x in xs}))
-    return _finish(fig, ax, title)
+    return _finish(fig, ax, title, legend_outside=True)
 
 
 def bar(values: dict, ylabel="", log=False, title=None, hline=None):

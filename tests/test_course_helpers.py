@@ -124,3 +124,15 @@ def test_make_concepts_passes_sampling_steps(tiny_sd):
     finally:
         del tiny_sd.sample
     assert calls == [2] and made[0].latents.shape[0] == 2
+
+
+def test_lines_draws_each_curve_on_its_own_x_with_the_legend_outside():
+    fig = plots.lines({"a": ([0, 1, 2], [0.5, 0.4, 0.3]), "b": ([0, 1], [0.2, 0.2])}, "rounds", "ACC", hline=0.2,
+                      hline_label="goal")
+    ax = fig.axes[0]
+    assert [list(ln.get_xdata()) for ln in ax.lines[:2]] == [[0, 1, 2], [0, 1]]
+    assert list(ax.get_xticks()) == [0, 1, 2] and ax.lines[2].get_ydata()[0] == 0.2
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["a", "b", "goal"]
+    fig.canvas.draw()
+    assert legend.get_window_extent().x0 > ax.get_window_extent().x1  # right of the axes, covering no point
