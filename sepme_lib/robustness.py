@@ -17,6 +17,9 @@ the robust SepME of ``sepme.harden``) and each erased style, one row per attack 
 SepME variants erase the three styles in one call (one increment each, the paper's setting) and each increment is
 attacked alone; every other method erases each style alone. ``restoration_drift`` (SepME variants): the largest
 change of another erased style's ACC under one increment, against the original model.
+
+:func:`tradeoff` (``bench robustness --tradeoff``) measures robust SepME's rounds x inversion steps per round
+(:data:`TRADEOFF`), notebook 09's curve.
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ import torch
 
 def span_share(A, C):
     A, C = A.double(), C.double().reshape(len(C), -1, A.shape[1])
-    Q, R = torch.linalg.qr(A.T)                      # columns of Q span the rows of A ...
-    Q = Q[:, R.diagonal().abs() > 1e-9 * R.diagonal().abs().max()]  # ... keeping only independent directions
-    inside = C @ Q                                   # coordinates of every row in that span
+    _, s, Vh = torch.linalg.svd(A, full_matrices=False)  # rows of Vh: an orthonormal basis of A's row space ...
+    V = Vh[s > 1e-10 * s.max()].T                   # ... keeping the directions with a non-negligible singular value
+    inside = C @ V                                   # coordinates of every row in that span (an orthonormal basis)
     return inside.pow(2).sum((1, 2)) / C.pow(2).sum((1, 2))
 
 
@@ -21,9 +21,9 @@ import torch
 
 def span_share(A, C):
     A, C = A.double(), C.double().reshape(len(C), -1, A.shape[1])
-    Q, R = torch.linalg.qr(A.T)
-    Q = Q[:, R.diagonal().abs() > 1e-9 * R.diagonal().abs().max()]
-    outside = C - (C @ Q) @ Q.T
+    _, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    V = Vh[s > 1e-10 * s.max()].T
+    outside = C - (C @ V) @ V.T
     return outside.pow(2).sum((1, 2)) / C.pow(2).sum((1, 2))
 
 

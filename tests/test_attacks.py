@@ -1,6 +1,8 @@
 """The attacks of notebook 09 (``sepme_lib.attacks``), robust SepME (``sepme.harden``) and the robustness benchmark's
 rows. Each attack is run against an erasure that hides the concept from its plain prompts and must bring it back
-(a check that fails when the attack does nothing); robust SepME must keep the certificate and separability."""
+(a check that fails when the attack does nothing): the derived embedding here; textual inversion (300 steps) and the
+prompt search (against its own starting point) in notebook 09's cells, which nbval runs in `make test` (the same
+runs, asserted there once instead of twice); robust SepME must keep the certificate and separability."""
 from __future__ import annotations
 
 import pytest
@@ -56,25 +58,6 @@ def test_derived_embedding_brings_back_what_sepme_hides(tiny, clf, bundled):
     assert r["embeddings"].shape == (10, tiny.max_length, 256)
 
 
-def test_textual_inversion_brings_back_part_of_what_sepme_hides(tiny, clf, bundled):
-    """A new token learned on the edited model (300 steps, the bundled model's budget) draws striped again on part of
-    the images where the word itself draws it on none (measured 0.30-0.50 on 20 images; asserted >= 0.2). Without
-    the optimisation (v = the word's vector) the images are those of the plain prompt, so the check can fail."""
-    plain = sm.acc_table(tiny, clf, ["striped"], n=20, deltas=bundled)["striped"]
-    r = attacks.run(tiny, clf, bundled, "striped", "inversion", n=20, **methods.ATTACK_BUDGETS["tiny"]["inversion"])
-    assert plain <= 0.1 and r["acc"] >= 0.2, (plain, r["acc"])
-    assert r["prompts"][0].endswith("<v> style") and r["vector"].shape == (1, 256)
-
-
-def test_prompt_search_finds_the_concept_without_its_word(tiny, clf):
-    """On the original model, three searched tokens in place of "striped" (the word and its pieces banned) draw
-    stripes on part of the images (measured 0.35 on 20), where the search's starting point ("a a a") draws none."""
-    start = attacks.run(tiny, clf, [], "striped", "prompt_search", n=20, tokens=3, sweeps=0, batch=8)
-    r = attacks.run(tiny, clf, [], "striped", "prompt_search", n=20, **methods.ATTACK_BUDGETS["tiny"]["prompt_search"])
-    assert start["acc"] <= 0.05 and r["acc"] >= 0.2, (start["acc"], r["acc"], r["prompts"][0])
-    assert not set(r["tokens"]) & attacks.banned_tokens(tiny, "striped") and "striped" not in r["prompts"][0]
-
-
 def test_robust_sepme_keeps_the_certificate_and_separability(tiny):
     """Two concepts, one short round each: the hardened increments still leave every protected prompt's keys and values
     exactly unchanged (the other concept's prompts, c_0), so each stays removable on its own."""
@@ -116,7 +99,7 @@ def test_attacks_run_on_a_random_sd_model(tiny_sd):
 
 def test_robustness_rows_have_the_issue_schema(tiny, clf, monkeypatch):
     """The benchmark's plumbing (rows, keys, the table) with the smallest budgets: numbers are the full run's job."""
-    monkeypatch.setitem(robustness.PROFILES, "ci", dict(styles=("striped",), n=2, budgets={
+    monkeypatch.setitem(robustness.PROFILES, "ci", dict(styles=("striped",), n=2, n_ref=4, budgets={
         "inversion": dict(steps=2), "prompt_search": dict(tokens=1, candidates=4, batch=2)}))
     out = robustness.benchmark("ci", ["original", "uce"], model=tiny, judge=clf)
     assert len(out["rows"]) == 2 * len(attacks.NAMES)
@@ -144,7 +127,7 @@ def test_attack_budgets_follow_the_family_and_cap_random_sd_in_ci(tiny, tiny_sd)
 def test_tradeoff_points_keep_the_certificate(tiny, clf, monkeypatch):
     """`bench robustness --tradeoff` plumbing at the smallest sizes: one row per point and style, the 0-round point
     is concept-level SepME, every point keeps the certificate, and more rounds cost more CPU."""
-    monkeypatch.setitem(robustness.TRADEOFF, "ci", dict(n=2, n_ref=8,
+    monkeypatch.setitem(robustness.TRADEOFF, "ci", dict(n=2, n_ref=4,
                                                         series={"concept": dict(rounds=(0, 1), budgets=(3,))}))
     monkeypatch.setitem(robustness.PROFILES, "ci", dict(robustness.PROFILES["ci"], budgets={"inversion": dict(steps=2)}))
     out = robustness.tradeoff("ci", model=tiny, judge=clf)
