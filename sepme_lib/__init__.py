@@ -28,7 +28,7 @@ from .deltas import Delta, applied, combine
 from .evaluate import acc_table, generate
 from .lora import LoraExport  # attaches Delta.to_lora / save_lora / from_lora
 from .methods import METHODS, erase
-from .model import load_model
+from .loading import load_model
 from .nullspace import leakage, null_space
 
 __all__ = ["load_model", "load_classifier", "erase", "METHODS", "Delta", "combine", "applied", "leakage",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .classifier import accuracy
@@ -61,25 +60,40 @@ def derived_embeddings(model, deltas, emb: torch.Tensor, reg: float = 1e-3) -> t
     W0 = kv_weights(model)
     total = combine(list(deltas)) if deltas else {}
     Wn = {k: W0[k] + total[k].to(W0[k].device, W0[k].dtype) for k in W0 if k in total}
-    return derive_embedding(Wn, W0, emb, reg)
+    return model.with_context(emb, derive_embedding(Wn, W0, model.context(emb), reg))  # SDXL: the pooled part kept
 
 
 # ------------------------------------------------------------------------------------- token-level tools
+def _tables(model) -> list:
+    """``[(parameter name, weight)]`` of the token table of each text encoder (two on SDXL)."""
+    out = []
+    for enc in (model.text_encoder, model.text_encoder_2):
+        if enc is not None:
+            w = enc.get_input_embeddings().weight
+            out.append((next(n for n, p in enc.named_parameters() if p is w), w))
+    return out
+
+
 def _table(model):
-    """The text encoder's token table: ``(parameter name, weight)``."""
-    w = model.text_encoder.get_input_embeddings().weight
-    return next(n for n, p in model.text_encoder.named_parameters() if p is w), w
+    """The token table ``(name, weight)``; on SDXL the two tables side by side (``(vocab, d_1 + d_2)``): a token
+    vector of the attacks is one row of it."""
+    tables = _tables(model)
+    return tables[0][0], torch.cat([w for _, w in tables], dim=-1)
 
 
 def encode_ids(model, ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """The text encoder's last hidden state for token ids ``(B, L)``; ``extra`` ``(k, d_tok)``: new token vectors,
-    read where ``ids`` are ``vocab, vocab + 1, ...`` (appended to the table for this call only; differentiable)."""
-    name, w = _table(model)
+    """The condition (``model.encode_tokens``) of token ids ``(B, L)``; ``extra`` ``(k, d_tok)``: new token vectors,
+    read where ``ids`` are ``vocab, vocab + 1, ...`` (appended to the table for this call only; differentiable). On
+    SDXL both encoders read ``ids`` and each its own part of a vector (the second encoder is then padded as the first
+    tokenizer pads, not with the released second tokenizer's own padding token)."""
     ids = ids.to(model.device)
     if extra is None:
-        return model.text_encoder(ids).last_hidden_state.float()
-    table = torch.cat([w, extra.to(w.dtype)])
-    return functional_call(model.text_encoder, {name: table}, (ids,), strict=False).last_hidden_state.float()
+        return model.encode_tokens(ids)
+    ws, at = [], 0
+    for name, w in _tables(model):
+        ws.append({name: torch.cat([w, extra[:, at:at + w.shape[1]].to(w.dtype)])})
+        at += w.shape[1]
+    return model.encode_tokens(ids, weights=ws[0], weights_2=ws[1] if len(ws) > 1 else None)
 
 
 def replaced_ids(model, prompts, word: str, new: list, keep: bool = False) -> torch.Tensor:
@@ -240,7 +254,8 @@ def span_share(model, emb: torch.Tensor, protected) -> torch.Tensor:
     inside the span of the protected rows ``A`` (the prompts an increment leaves exactly unchanged; ``""`` is
     ``c_0``). That part reaches the edited keys and values as it reaches the original ones."""
     P = span_projector(model, protected)
-    flat = emb.reshape(len(emb), -1, emb.shape[-1]).to(P.device, torch.float64)
+    ctx = model.context(emb)
+    flat = ctx.reshape(len(ctx), -1, ctx.shape[-1]).to(P.device, torch.float64)
     return ((flat @ P).pow(2).sum((1, 2)) / flat.pow(2).sum((1, 2)).clamp_min(1e-30)).float()
 
 
@@ -255,6 +270,7 @@ def from_span(model, judge, emb: torch.Tensor, protected, concept: str, seed: in
     """The original model's ACC of ``concept`` on images from ``P_A c'`` alone (the part of the attack no
     increment with exact protection of ``A`` can change)."""
     P = span_projector(model, protected).float().to(emb.device)
-    imgs = model.sample(None, seeds=range(seed, seed + len(emb)), steps=steps, embeddings=emb @ P)
+    imgs = model.sample(None, seeds=range(seed, seed + len(emb)), steps=steps,
+                        embeddings=model.with_context(emb, model.context(emb) @ P))
     cs = concept_set(model)
     return accuracy(judge, imgs, cs.kind(concept), concept)

@@ -34,7 +34,7 @@ from . import config, gcirs, gpupath, methods, nullspace, report, robustness, se
 from .classifier import accuracy, load_classifier
 from .concepts import make_concepts
 from .evaluate import acc_table, combination_table, eval_prompts, generate, others_mean, redteam_probe
-from .model import load_model
+from .loading import load_model
 from .perceptual import perceptual_distance
 from .widgets import benchmark_refresh
 

@@ -36,7 +36,7 @@ from .config import SepmeError
 from .deltas import Delta, edited_weights, same_tensors
 from .evaluate import acc_table
 from .lora import WEIGHTS, adapter_name, model_card, write
-from .model import load_model, resolve_dtype
+from .loading import load_model, resolve_dtype
 from .scaleout import TABLES, evaluation_table, peak_memory, shard_from_environment, table_markdown
 from .storage import FolderLock
 

@@ -155,7 +155,7 @@ def closed_form_edit(W, erase_keys, erase_targets, preserve_keys=None, lam: floa
 # ----------------------------------------------------------------------------------------- closed forms
 def _pair_rows(model, prompts, guides, keys):
     """Stack the key rows of ``prompts`` and the aligned rows of ``guides``: ``(K_e, C_g)``, both ``(n, d_in)``."""
-    E, G = model.embed(prompts), model.embed(guides)
+    E, G = model.embed_context(prompts), model.embed_context(guides)
     ke, kg = [], []
     for i, (p, g) in enumerate(zip(prompts, guides)):
         re, rg = key_rows(model, p, keys, g)
@@ -167,7 +167,7 @@ def _pair_rows(model, prompts, guides, keys):
 def _rows(model, prompts, keys):
     if not prompts:
         return None
-    E = model.embed(prompts)
+    E = model.embed_context(prompts)
     return torch.cat([E[i, key_rows(model, p, keys)[0]] for i, p in enumerate(prompts)])
 
 
@@ -265,7 +265,7 @@ def rece(model, concepts, s: dict, anchor=None, preserve=None) -> Delta:
     t0 = time.time()
     prompts, guides, keep = prompt_sets(model, concepts, anchor, preserve)
     W0 = kv_weights(model)
-    E, G = model.embed(prompts), model.embed(guides)
+    E, G = model.embed_context(prompts), model.embed_context(guides)
     if s["official"]:
         keep, pscale = _official_retain(keep, s["preserve_scale"])
         uce_s = dict(s, official=True, lam=0.5, erase_scale=1.0, preserve_scale=None)  # UCE's own defaults
@@ -337,7 +337,7 @@ def mace(model, concepts, s: dict, mapped=None, preserve=None, general=None) -> 
     t0 = time.time()
     prompts = [p for c in concepts for p in c.prompts]
     maps = [g for c in concepts for g in anchors_for(model, c, mapped)]
-    E, G = model.embed(prompts), model.embed(maps)
+    E, G = model.embed_context(prompts), model.embed_context(maps)
     kf, kg = [], []
     for i, (p, q) in enumerate(zip(prompts, maps)):
         ra, rb = coexisting_rows(model, p, q, s["phrase_rows"])

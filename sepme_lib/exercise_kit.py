@@ -15,7 +15,7 @@ import torch
 
 from . import config
 from .classifier import load_classifier
-from .model import load_model
+from .loading import load_model
 
 CHECKS: dict[str, tuple[str, Callable]] = {}
 RESULTS: dict[str, bool] = {}

@@ -59,10 +59,10 @@ def _check_09_1(span_share):
     model = _model()
     protected = ["", "a red star in dotted style", "a blue circle in checkered style"]
     A = nullspace.stack_rows(model, protected)
-    C = torch.cat([model.embed(["a green square in striped style"]), _rand(2, model.max_length, A.shape[1], seed=9)])
+    C = torch.cat([model.embed_context(["a green square in striped style"]), _rand(2, model.max_length, A.shape[1], seed=9)])
     got = torch.as_tensor(span_share(A, C)).reshape(-1)
     expect(got.shape == (3,), f"one share per condition: expected shape (3,), got {tuple(got.shape)}")
-    expect_close(span_share(A, model.embed(protected[1:])), torch.ones(2), "a protected prompt lies wholly in the span",
+    expect_close(span_share(A, model.embed_context(protected[1:])), torch.ones(2), "a protected prompt lies wholly in the span",
                  rtol=1e-4, atol=1e-5)
     expect_close(got, _attacks.span_share(model, C, protected), "the shares (project the rows onto span(A), not onto "
                  "null(A); energy is the squared norm)", rtol=1e-3, atol=1e-6)

@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - Windows
 from . import config, families, gcirs, methods, nullspace
 from .concepts import Concept, concept_set
 from .config import BadValue
-from .model import load_model
+from .loading import load_model
 
 OPS = ("load", "unet_forward", "train_sepme", "train_gcirs", "null_space", "uce", "rece", "speed", "ddim_image")
 SAMPLE_STEPS_PAPER = 50
@@ -128,7 +128,7 @@ def measure(op: str, model_path: str, device=None, dtype=None, repeats: int = 3,
     cs = concept_set(model)
     erase_names = list(cs.erase)
     s = gcirs.Settings(**dict(methods.settings("sepme", model), cap=1, warmup=0))
-    L, d_in = model.max_length, model.empty().shape[-1]
+    L, d_in = model.max_length, model.context_dim
     c, h = model.latent_shape[0], model.latent_shape[-1]
     reset = _reset_peak(dev)
     if op == "unet_forward":

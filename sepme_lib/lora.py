@@ -178,7 +178,7 @@ def kv_leakage(model, tensors: dict, prompts) -> float:
     params = dict(model.unet.named_parameters())
     worst = 0.0
     for p in prompts:
-        A = model.empty()[0] if p == "" else model.embed([p])[0]
+        A = model.empty_context()[0] if p == "" else model.embed_context([p])[0]
         for k, dW in tensors.items():
             if k.endswith(("to_k.weight", "to_v.weight")):
                 W = params[k].detach().float()

@@ -30,7 +30,7 @@ TAU_FACTORS = {"tiny": {"iterative": (1, 2, 1), "joint": 2}, "sd": {}}
 def mode_tau(model, mode: str, n_concepts: int):
     """SepME's ``tau`` for ``mode`` on ``model``'s family: the settings' tau scaled by :data:`TAU_FACTORS` (one value
     per stage for ``iterative``, the last factor repeated for more stages), else the settings' tau unchanged."""
-    family = model if isinstance(model, str) else model.family
+    family = families.settings_key(model)
     tau = DEFAULTS["sepme"][family]["tau"]
     f = TAU_FACTORS.get(family, {}).get(mode)
     if f is None:
@@ -137,7 +137,7 @@ def check_method(method: str) -> None:
 def settings(method: str, model, **overrides) -> dict:
     """The settings of ``method`` for ``model``'s family (``DEFAULTS``) with ``overrides`` applied and checked."""
     check_method(method)
-    family = model if isinstance(model, str) else model.family
+    family = families.settings_key(model)
     base = dict(DEFAULTS[method][family])
     unknown = sorted(set(overrides) - set(base))
     if unknown:
@@ -192,7 +192,7 @@ def concept_level(model, **overrides) -> dict:
     """The settings of SepME with concept-level protection, erasure to the anchor and a cached pool
     (:data:`CONCEPT_LEVEL`, notebook 08) for ``model``'s family, with ``overrides``, checked: pass them to
     ``erase(model, names, method="sepme", **concept_level(model))``."""
-    family = model if isinstance(model, str) else model.family
+    family = families.settings_key(model)
     out = dict(CONCEPT_LEVEL[family], **overrides)
     settings("sepme", family, **out)
     return out
@@ -219,7 +219,7 @@ def erase(model, concepts, method: str = "sepme", progress: bool = False, n_ref:
         s["tau"] = mode_tau(model, args.get("mode", "separate"), len(concepts))
     if method == "sepme" and args.get("robust") not in (None, False):
         extra = args["robust"] if isinstance(args["robust"], dict) else {}
-        args["robust"] = dict(ROBUST[model.family], **extra) if args["robust"] is True or extra else args["robust"]
+        args["robust"] = dict(ROBUST[families.settings_key(model)], **extra) if args["robust"] is True or extra else args["robust"]
     elif method == "sepme":
         args.pop("robust", None)
     if method == "sepme":
@@ -261,8 +261,8 @@ def attack_budgets(model, prof: dict) -> dict:
     """:data:`ATTACK_BUDGETS` of the model's family (notebook 09); where its family caps ci training (``ci_cap``: a
     random-weight SD folder on a CPU, ``make test-sd``) every attack loop runs ``prof["sd_cap"]`` steps / candidates,
     and ``"robust"`` gives the inversion steps of robust SepME's rounds (plumbing only)."""
-    out = {a: dict(b) for a, b in ATTACK_BUDGETS[families.family_of(model).name].items()}
-    out["robust"] = dict(inversion_steps=ROBUST[families.family_of(model).name]["inversion_steps"])
+    out = {a: dict(b) for a, b in ATTACK_BUDGETS[families.settings_key(model)].items()}
+    out["robust"] = dict(inversion_steps=ROBUST[families.settings_key(model)]["inversion_steps"])
     cap = prof.get("sd_cap")
     if families.family_of(model).ci_cap and cap is not None:
         out["inversion"]["steps"] = cap

@@ -2,14 +2,24 @@
 
 Introduced in ``notebooks/00_setup_and_tour.ipynb`` and ``notebooks/01_diffusion_basics.ipynb``.
 
-One adapter serves two kinds of model (``model.family``, an entry of ``families.FAMILIES``):
+One adapter serves three kinds of model (``model.family``, an entry of ``families.FAMILIES``):
 
 * ``"tiny"``: the bundled model (``load_model("tiny")``): a diffusers ``UNet2DConditionModel`` on 4x4-patchified
   pixels (a 32x32x3 image is an 8x8x48 "latent", ``pixel_unshuffle``), a small transformers ``CLIPTextModel``
   and a ``CLIPTokenizer`` with the world's vocabulary, a v-prediction DDIM scheduler (built and trained by
   ``train_tiny``);
 * ``"sd"``: a Stable Diffusion 1.x pipeline (``load_model(hub_id_or_path)``), whose latents come from the VAE
-  times its scaling factor.
+  times its scaling factor;
+* ``"sdxl"``: a Stable Diffusion XL pipeline (``load_model(folder_or_id)`` of a ``StableDiffusionXLPipeline``): two
+  text encoders, whose penultimate hidden states are concatenated into the 2048-wide context that ``attn2`` reads,
+  and the second encoder's pooled (projected) embedding and the size conditioning ("time ids") that enter the UNet
+  beside the timestep.
+
+A condition ``c`` (what :meth:`T2IModel.embed` returns and :meth:`T2IModel.eps` takes) is ``(B, L, d_ctx)``, the
+cross-attention context; on SDXL ``(B, L, d_ctx + d_pool)``: every row carries the prompt's pooled embedding after its
+context, so that a condition stays one tensor through ``cat``/``expand``/slicing and gradients (textual inversion).
+:meth:`T2IModel.context` cuts it back to what ``to_k``/``to_v`` read (the identity on SD 1.x and the tiny model):
+every key/value computation (null spaces, closed forms) goes through it.
 
 Every method in the library talks to the model only through this class. Tensor shapes: prompts embed to
 ``(B, L, d_in)`` (``L`` = tokenizer length, every row kept); latents are ``(B, C, H, W)``; the edited matrices
@@ -19,20 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler
 from torch.func import functional_call
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from . import config, families, world
+from . import config, families
 from .config import BadType, BadValue
 
 
@@ -53,12 +60,28 @@ class T2IModel:
     """
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, patch=None, name="model",
-                 vocabulary=None, device=None, guidance=7.5, sample_steps=50, family=None):
+                 vocabulary=None, device=None, guidance=7.5, sample_steps=50, family=None, text_encoder_2=None,
+                 tokenizer_2=None, zero_empty=False):
         self.device = torch.device(device) if device is not None else config.get_device()
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.vae = vae.to(self.device).eval().requires_grad_(False) if vae is not None else None
         self.tokenizer = tokenizer
+        # SDXL: the second text encoder (with projection) and its tokenizer; the size conditioning
+        # (original size, crop corner, target size: the pipeline's default ``_get_add_time_ids``); the empty prompt
+        # as zeros (the pipeline's ``force_zeros_for_empty_prompt``)
+        self.text_encoder_2 = (text_encoder_2.to(self.device).eval().requires_grad_(False)
+                               if text_encoder_2 is not None else None)
+        self.tokenizer_2 = tokenizer_2
+        self.context_dim = int(unet.config.cross_attention_dim)
+        self.time_ids = None
+        if getattr(unet.config, "addition_embed_type", None) == "text_time":
+            if text_encoder_2 is None or vae is None:
+                raise BadValue("this UNet takes pooled text embeddings and time ids (SDXL): give text_encoder_2, "
+                               "tokenizer_2 and the VAE")
+            side = float(unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1))
+            self.time_ids = torch.tensor([[side, side, 0.0, 0.0, side, side]], device=self.device)
+        self.zero_empty = bool(zero_empty)
         self.scheduler = scheduler
         self.patch = patch
         self.name = name
@@ -118,7 +141,9 @@ class T2IModel:
     def embed(self, prompts) -> torch.Tensor:
         """``c = text_encoder(tokenizer(prompt, padding="max_length")).last_hidden_state``: ``(B, L, d_in)``.
 
-        Every row (BOS, words, EOS, padding) is kept: it is exactly what ``attn2.to_k``/``to_v`` read.
+        Every row (BOS, words, EOS, padding) is kept: it is exactly what ``attn2.to_k``/``to_v`` read. SDXL: the
+        condition of the module docstring, ``[h_1 | h_2 | pooled]`` per row (``h_i``: encoder ``i``'s penultimate
+        hidden states, as ``StableDiffusionXLPipeline.encode_prompt`` builds them).
         """
         prompts = prompt_list(prompts)
         if not prompts:
@@ -127,12 +152,53 @@ class T2IModel:
             self.check_prompt(p)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids).last_hidden_state.float()
+        ids_2 = (None if self.tokenizer_2 is None else
+                 self.tokenizer_2(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                                  return_tensors="pt").input_ids.to(self.device))
+        return self.encode_tokens(ids, ids_2)
+
+    def encode_tokens(self, ids: torch.Tensor, ids_2: torch.Tensor | None = None, weights=None,
+                      weights_2=None) -> torch.Tensor:
+        """The condition of token ids ``(B, L)`` (``ids_2``: the second tokenizer's, SDXL; default ``ids``).
+        ``weights``/``weights_2``: parameters of the text encoders overridden by name (``functional_call``;
+        differentiable: textual inversion's new token vectors, ``attacks``)."""
+        def run(encoder, x, w, **kw):
+            return encoder(x, **kw) if not w else functional_call(encoder, w, (x,), kw, strict=False)
+        if self.text_encoder_2 is None:
+            return run(self.text_encoder, ids, weights).last_hidden_state.float()
+        ids_2 = ids if ids_2 is None else ids_2
+        h1 = run(self.text_encoder, ids, weights, output_hidden_states=True).hidden_states[-2]
+        out2 = run(self.text_encoder_2, ids_2.to(self.device), weights_2, output_hidden_states=True)
+        pooled = out2.text_embeds[:, None, :].expand(-1, ids.shape[1], -1)
+        return torch.cat([h1.float(), out2.hidden_states[-2].float(), pooled.float()], dim=-1)
+
+    def context(self, emb: torch.Tensor) -> torch.Tensor:
+        """The rows ``attn2.to_k``/``to_v`` read, ``(..., L, d_ctx)``: ``emb`` itself, or SDXL's context without the
+        pooled embedding."""
+        return emb if emb.shape[-1] == self.context_dim else emb[..., :self.context_dim]
+
+    def embed_context(self, prompts) -> torch.Tensor:
+        """``context(embed(prompts))``: the rows ``to_k``/``to_v`` read, ``(B, L, d_ctx)`` (keys of the closed forms,
+        rows of the null spaces)."""
+        return self.context(self.embed(prompts))
+
+    def empty_context(self) -> torch.Tensor:
+        """``context(empty())``: ``c_0``'s rows as ``to_k``/``to_v`` read them, ``(1, L, d_ctx)``."""
+        return self.context(self.empty())
+
+    def with_context(self, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``emb`` with its context replaced by ``context`` (``(..., L, d_ctx)``): a condition made from changed rows
+        (derived embeddings, projections onto a span) keeps the pooled embedding of ``emb`` (SDXL)."""
+        if emb.shape[-1] == self.context_dim:
+            return context
+        return torch.cat([context.to(emb.dtype), emb[..., self.context_dim:].expand(*context.shape[:-1], -1)], -1)
 
     def empty(self) -> torch.Tensor:
-        """``c_0``, the embedding of the empty prompt ``(1, L, d_in)`` (cached)."""
+        """``c_0``, the embedding of the empty prompt ``(1, L, d_in)`` (cached); zeros where the pipeline gives the
+        empty prompt as zeros (SDXL's ``force_zeros_for_empty_prompt``)."""
         if self._empty is None:
-            self._empty = self.embed([""])
+            e = self.embed([""])
+            self._empty = torch.zeros_like(e) if self.zero_empty else e
         return self._empty
 
     # ---------------------------------------------------------------------------------- image side
@@ -172,10 +238,18 @@ class T2IModel:
         t = t.expand(z_t.shape[0]) if t.dim() == 0 else t
         dt = self.unet.dtype
         z_t, emb = z_t.to(dt), emb.to(dt)
+        kwargs = {"encoder_hidden_states": self.context(emb)}
+        if self.time_ids is not None and emb.shape[-1] == self.context_dim:
+            raise BadValue(f"this model (SDXL) takes conditions of width {self.context_dim} + the pooled embedding, "
+                           f"as model.embed returns them; got a bare context of width {emb.shape[-1]} (give it the "
+                           "prompt's pooled embedding with model.with_context(model.embed(prompts), context))")
+        if self.time_ids is not None:  # SDXL: the pooled embedding (same on every row) and the size conditioning
+            kwargs["added_cond_kwargs"] = dict(text_embeds=emb[:, 0, self.context_dim:],
+                                               time_ids=self.time_ids.to(dt).expand(len(emb), -1))
         if weights:
-            out = functional_call(self.unet, weights, (z_t, t), {"encoder_hidden_states": emb}, strict=False).sample
+            out = functional_call(self.unet, weights, (z_t, t), kwargs, strict=False).sample
         else:
-            out = self.unet(z_t, t, encoder_hidden_states=emb).sample
+            out = self.unet(z_t, t, **kwargs).sample
         return out.float()
 
     def to_eps(self, out, z_t, t):
@@ -283,6 +357,7 @@ class T2IModel:
                                  dict(self.scheduler.config))).encode())
         parts = [self.unet.named_parameters(), self.text_encoder.named_parameters()]
         parts += [self.vae.named_parameters()] if self.vae is not None else []
+        parts += [self.text_encoder_2.named_parameters()] if self.text_encoder_2 is not None else []
         parts += [sorted((weights or {}).items())] + ([[("embeddings", embeddings)]] if embeddings is not None else [])
         for named in parts:
             for n, t in named:
@@ -330,6 +405,8 @@ class T2IModel:
             b = sum(p.numel() * p.element_size() for p in m.parameters())
             return n, b
         parts = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            parts["text_encoder_2"] = self.text_encoder_2
         if self.vae is not None:
             parts["vae"] = self.vae
         lines = [f"{k}: {size(m)[0] / 1e6:.1f}M parameters, {size(m)[1] / 2**20:.0f} MiB" for k, m in parts.items()]
@@ -354,91 +431,3 @@ class T2IModel:
             with torch.no_grad():
                 for n, w in saved.items():
                     params[n].copy_(w)
-
-
-# ------------------------------------------------------------------------------------ loading
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(dtype, device: torch.device):
-    """``None``/a torch dtype/``"fp16"``/``"bf16"``/``"fp32"`` -> a torch dtype or ``None`` (float32). Half
-    precision is for CUDA: on a CPU it is refused (slow, and some CPU kernels lack it)."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype.lower() not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype.lower()]
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"unsupported dtype {dtype}; use float32, float16 or bfloat16")
-    if dtype != torch.float32 and device.type != "cuda":
-        raise ValueError(f"dtype {dtype} is for a CUDA GPU; on {device.type} use float32 (dtype=None)")
-    return None if dtype == torch.float32 else dtype
-
-
-def load_tiny(directory=None, device=None) -> T2IModel:
-    """Load the bundled model from ``data/tiny_t2i`` (diffusers/transformers folders, safetensors)."""
-    directory = Path(directory or config.TINY_DIR)
-    need = [directory / "unet" / "diffusion_pytorch_model.safetensors", directory / "text_encoder" / "model.safetensors",
-            directory / "tokenizer" / "vocab.json", directory / "scheduler" / "scheduler_config.json"]
-    missing = [str(p) for p in need if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"the bundled tiny model is incomplete: missing {missing}. Recreate it with "
-                                "`python -m sepme_lib.train_tiny` (or restore data/ from git, or point SEPME_DATA at "
-                                "a data/ folder).")
-    unet = UNet2DConditionModel.from_pretrained(directory / "unet", low_cpu_mem_usage=False)
-    text = CLIPTextModel.from_pretrained(directory / "text_encoder")
-    tok = CLIPTokenizer.from_pretrained(directory / "tokenizer")
-    sched = DDIMScheduler.from_pretrained(directory / "scheduler")
-    return T2IModel(unet, text, tok, sched, patch=4, name="tiny", vocabulary=world.VOCABULARY, device=device,
-                    guidance=config.TINY_GUIDANCE, sample_steps=config.TINY_SAMPLE_STEPS, family="tiny")
-
-
-def load_sd(path_or_id: str, device=None, dtype=None) -> T2IModel:
-    """Load a Stable Diffusion 1.x pipeline from a local folder, or from the Hugging Face cache.
-
-    Nothing is downloaded unless ``SEPME_ALLOW_DOWNLOAD=1``; otherwise an id that is not already in the
-    local cache fails at once with a message saying how to provide the weights. The pipeline's scheduler is
-    copied into a DDIM scheduler of the same configuration (the pipeline object is not kept).
-    """
-    local = Path(path_or_id).expanduser()
-    allow = os.environ.get("SEPME_ALLOW_DOWNLOAD") == "1"
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    if local.exists() and not (local / "model_index.json").exists():
-        raise FileNotFoundError(f"{local} is not a diffusers pipeline folder (no model_index.json); give a folder "
-                                "with unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json")
-    try:
-        if local.exists():
-            pipe = StableDiffusionPipeline.from_pretrained(local, safety_checker=None, **kwargs)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(path_or_id, safety_checker=None,
-                                                           local_files_only=not allow, **kwargs)
-    except Exception as e:  # noqa: BLE001 - re-raised with the way out
-        raise RuntimeError(
-            f"could not load Stable Diffusion weights {path_or_id!r} ({type(e).__name__}: {str(e)[:200]}). "
-            "Give a local folder with the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, "
-            "scheduler/), or pre-download it with `huggingface-cli download <id>` and, where downloads are "
-            "allowed, set SEPME_ALLOW_DOWNLOAD=1. The bundled model is load_model('tiny').") from e
-    sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    return T2IModel(pipe.unet, pipe.text_encoder, pipe.tokenizer, sched, vae=pipe.vae, name=str(path_or_id),
-                    device=device, family="sd")
-
-
-def load_model(name: str = "tiny", device=None, dtype=None) -> T2IModel:
-    """``"tiny"`` -> the bundled model in ``data/``; anything else -> an SD 1.x hub id or local folder.
-
-    ``device``: a torch device or its name (default :func:`config.get_device`). ``dtype``: ``None`` (float32,
-    exact, what the tests use) or ``"fp16"``/``"bf16"`` (or the torch dtype) for Stable Diffusion on a CUDA GPU
-    (deltas stay float32 and are added in float32, then cast)."""
-    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
-        raise ValueError(f"load_model needs 'tiny', a Stable Diffusion hub id or a local folder, got {name!r}")
-    name = str(name)
-    dev = config.get_device(str(device)) if device is not None else config.get_device()
-    dt = resolve_dtype(dtype, dev)
-    if name == "tiny":
-        if dt is not None:
-            raise ValueError(f"dtype={dtype} is for Stable Diffusion on a GPU; the bundled tiny model runs in float32 "
-                             "(pass dtype=None)")
-        return load_tiny(device=dev)
-    return load_sd(name, device=dev, dtype=dt)

@@ -68,7 +68,7 @@ def stack_rows(model, prompts) -> torch.Tensor:
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts to stack: A needs at least c_0 ('')")
-    return torch.cat([model.empty()[0] if p == "" else model.embed([p])[0] for p in prompts])
+    return torch.cat([model.empty_context()[0] if p == "" else model.embed_context([p])[0] for p in prompts])
 
 
 def null_space(A: torch.Tensor, rtol: float | None = NULL_RTOL, prior: torch.Tensor | None = None,
@@ -215,7 +215,7 @@ def leakage(model, deltas_or_tensors, prompts) -> dict:
                            "measure a delta on the model it was made for")
     out = {}
     for p in prompts:
-        A = model.empty()[0] if p == "" else model.embed([p])[0]
+        A = model.empty_context()[0] if p == "" else model.embed_context([p])[0]
         worst = 0.0
         for k, dW in kv.items():
             W = params[k].detach().float()

@@ -28,11 +28,11 @@ import time
 
 import numpy as np
 
-from . import attacks, config, methods, report
+from . import attacks, config, families, methods, report
 from .classifier import load_classifier
 from .concepts import concept_set, make_concepts
 from .evaluate import acc_heads
-from .model import load_model
+from .loading import load_model
 from .separability import kv_metrics
 
 ROW_KEYS = ("method", "concept", "attack", "attack_acc", "erased_acc", "others_ratio", "heldout_protected_kv",
@@ -96,7 +96,7 @@ def benchmark(profile: str = "ci", method_names=None, progress: bool = False, mo
     model = model or load_model("tiny")
     judge = judge or load_classifier(model=model)
     n, steps, styles = prof["n"], prof["sample_steps"], list(prof["styles"])
-    budgets = {a: dict(methods.ATTACK_BUDGETS[model.family][a], **prof["budgets"].get(a, {})) for a in attacks.NAMES}
+    budgets = {a: dict(methods.ATTACK_BUDGETS[families.settings_key(model)][a], **prof["budgets"].get(a, {})) for a in attacks.NAMES}
     evals = list(concept_set(model).evaluate)
     t_start = time.time()
     cons = {c.name: c for c in make_concepts(model, STYLES, n_ref=prof["n_ref"])}
@@ -194,7 +194,7 @@ def tradeoff(profile: str = "full", series=None, model=None, judge=None, progres
     model = model or load_model("tiny")
     judge = judge or load_classifier(model=model)
     n, steps = prof["n"], prof["sample_steps"]
-    evals = {a: dict(methods.ATTACK_BUDGETS[model.family][a], **PROFILES[profile]["budgets"].get(a, {}))
+    evals = {a: dict(methods.ATTACK_BUDGETS[families.settings_key(model)][a], **PROFILES[profile]["budgets"].get(a, {}))
              for a in ("derived", "inversion")}
     cons = [c for c in make_concepts(model, STYLES, n_ref=prof["n_ref"])]
     points = [(prot, 0, None) for prot, sp in series.items() if 0 in sp["rounds"]]
@@ -203,7 +203,7 @@ def tradeoff(profile: str = "full", series=None, model=None, judge=None, progres
     for prot, k, budget in points:
         extra = dict(methods.concept_level(model) if prot == "concept" else {}, **methods.profile_settings("sepme", prof))
         if k:
-            extra["robust"] = dict(methods.ROBUST[model.family], rounds=k, inversion_steps=budget)
+            extra["robust"] = dict(methods.ROBUST[families.settings_key(model)], rounds=k, inversion_steps=budget)
         c0 = time.process_time()
         ds = methods.erase(model, cons, method="sepme", progress=progress, **extra)
         cpu = (time.process_time() - c0) / len(cons)

@@ -32,7 +32,7 @@ from . import config, families, methods, nullspace, report, sepme
 from .classifier import load_classifier, predict
 from .concepts import as_concepts, caption_split, concept_set, listed_prompts, prior_captions
 from .deltas import edited_weights
-from .model import load_model
+from .loading import load_model
 
 # the goals the benchmark is read against (README, "Beyond the paper"): (direction, value)
 GOALS = dict(certified_leakage_max=("<=", 1e-5), heldout_protected_kv_max=("<=", 0.05), unrelated_kv_median=("<=", 0.10),

@@ -67,8 +67,12 @@ def kmeans(X: torch.Tensor, k: int, seed: int = 0, tol: float = 1e-4, max_iter: 
 
 
 def invariants(model, clusters: int = 3, seed: int = 0) -> torch.Tensor:
-    """``K_2`` ``(d_in, 1 + clusters)``: the BOS row of ``c_0`` and ``clusters`` k-means centres of its other rows."""
-    c0 = model.empty()[0].double().cpu()
+    """``K_2`` ``(d_in, 1 + clusters)``: the BOS row of ``c_0`` and ``clusters`` k-means centres of its other rows;
+    ``(d_in, 0)`` where ``c_0`` is zeros (SDXL's empty prompt, ``force_zeros_for_empty_prompt``: ``W 0 = 0`` is kept by
+    every edit, there is nothing to keep invariant)."""
+    c0 = model.empty_context()[0].double().cpu()
+    if not c0.abs().max() > 0:
+        return c0.new_zeros(c0.shape[1], 0)
     return torch.cat([c0[:1], kmeans(c0[1:], clusters, seed)[1]]).T
 
 
@@ -102,9 +106,9 @@ def text_rows(model, texts, guides=None, keys: str = "last"):
 def _embed(model, texts) -> torch.Tensor:
     """All ``L`` rows of every text (``''`` is ``c_0``), float64 on the CPU, one text-encoder call."""
     words = [t for t in texts if t != ""]
-    E = model.embed(words).double().cpu() if words else None
+    E = model.embed_context(words).double().cpu() if words else None
     it = iter(range(len(words)))
-    c0 = model.empty()[0].double().cpu()
+    c0 = model.empty_context()[0].double().cpu()
     return torch.stack([c0 if t == "" else E[next(it)] for t in texts])
 
 

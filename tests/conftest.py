@@ -24,7 +24,7 @@ def tiny_sd(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from sepme_lib.model import load_model
+    from sepme_lib.loading import load_model
 
     return load_model("tiny", device=torch.device("cpu"))
 
@@ -43,3 +43,20 @@ def random_sd_folder(tmp_path_factory):
     from sepme_lib.random_sd import build_folder
 
     return build_folder(tmp_path_factory.mktemp("rsd"))
+
+
+@pytest.fixture(scope="session")
+def random_sdxl_folder(tmp_path_factory):
+    """``random_sd.build_folder(kind="sdxl")``: a random-weight SDXL pipeline folder (two text encoders, pooled
+    embeddings and time ids at the small stand-in's sizes) and its zero-shot judge."""
+    from sepme_lib.random_sd import build_folder
+
+    return build_folder(tmp_path_factory.mktemp("rsdxl"), kind="sdxl")
+
+
+@pytest.fixture(scope="session")
+def sdxl(random_sdxl_folder):
+    """The SDXL stand-in loaded as a user loads a folder (``load_model``)."""
+    from sepme_lib.loading import load_model
+
+    return load_model(str(random_sdxl_folder["pipeline"]), device=torch.device("cpu"))

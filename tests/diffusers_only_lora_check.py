@@ -4,19 +4,23 @@ outputs with the library's ``theta + sum_i s_i dTheta_i``.
 
     python tests/diffusers_only_lora_check.py SPEC.json
 
-SPEC.json: a list of ``{"kind": "unet" | "pipeline", "model": UNet folder or pipeline folder, "loras": {name:
-folder}, "inputs": file with x, t, emb (safetensors), "combos": [[s_1, ...], ...], "out": file to write}``.
+SPEC.json: a list of ``{"kind": "unet" | "pipeline" | "sdxl", "model": UNet folder or pipeline folder, "loras": {name:
+folder}, "inputs": file with x, t, emb (SDXL also text_embeds, time_ids) (safetensors), "combos": [[s_1, ...], ...],
+"out": file to write}``.
 """
 import json
 import sys
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 def run(spec):
-    if spec["kind"] == "pipeline":  # a Stable Diffusion folder: the documented pipeline call
-        pipe = StableDiffusionPipeline.from_pretrained(spec["model"], safety_checker=None)
+    if spec["kind"] in ("pipeline", "sdxl"):  # a Stable Diffusion (XL) folder: the documented pipeline call
+        if spec["kind"] == "sdxl":
+            pipe = StableDiffusionXLPipeline.from_pretrained(spec["model"])
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(spec["model"], safety_checker=None)
         for name, folder in spec["loras"].items():
             pipe.load_lora_weights(folder, adapter_name=name)
         unet = pipe.unet
@@ -28,11 +32,12 @@ def run(spec):
     unet.eval()
     x = load_file(spec["inputs"])
     names = list(spec["loras"])
+    added = dict(added_cond_kwargs=dict(text_embeds=x["text_embeds"], time_ids=x["time_ids"])) if "time_ids" in x else {}
     outs = {}
     with torch.no_grad():
         for i, scales in enumerate(spec["combos"]):
             unet.set_adapters(names, scales)
-            outs[f"combo{i}"] = unet(x["x"], x["t"], encoder_hidden_states=x["emb"]).sample.contiguous()
+            outs[f"combo{i}"] = unet(x["x"], x["t"], encoder_hidden_states=x["emb"], **added).sample.contiguous()
     save_file(outs, spec["out"])
     print(f"{spec['kind']}: {len(outs)} combinations of {names}")
 

@@ -65,7 +65,9 @@ def defaults_families() -> set:
 
 def test_every_family_of_the_settings_tables_has_an_entry():
     assert defaults_families() <= set(FAMILIES), defaults_families() - set(FAMILIES)
-    assert set(FAMILIES) == {"tiny", "sd"}
+    assert set(FAMILIES) == {"tiny", "sd", "sdxl"}
+    assert {f.settings_key for f in FAMILIES.values()} == defaults_families()  # every family finds its settings
+    assert FAMILIES["sdxl"].settings_key == "sd" and FAMILIES["sdxl"].pipeline == "StableDiffusionXLPipeline"
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -91,6 +93,8 @@ def test_every_entry_provides_every_field(name):
 def test_the_bundled_and_hub_names_pick_their_family(monkeypatch):
     assert families.model_family("tiny").name == "tiny"
     assert families.model_family("CompVis/stable-diffusion-v1-4").name == "sd"
+    assert families.model_family("some/folder", pipeline="StableDiffusionXLPipeline").name == "sdxl"
+    assert families.model_family("some/folder", pipeline="StableDiffusionPipeline").name == "sd"
     monkeypatch.delenv("SEPME_BATCH", raising=False)
     assert FAMILIES["tiny"].sample_batch() == 64 and FAMILIES["sd"].sample_batch() == 8
     monkeypatch.setenv("SEPME_BATCH", "3")
@@ -163,13 +167,13 @@ def test_register_refuses_a_duplicate_or_an_incomplete_entry(added):
 
 # ------------------------------------------------------------------------------------------ unknown family
 def test_an_unknown_family_is_a_clear_error():
-    with pytest.raises(config.UnknownName, match="unknown model family 'sdxl'; known families: tiny, sd") as e:
-        families.get("sdxl")
+    with pytest.raises(config.UnknownName, match="unknown model family 'sd3'; known families: tiny, sd, sdxl") as e:
+        families.get("sd3")
     assert isinstance(e.value, config.SepmeError) and isinstance(e.value, KeyError)
     with pytest.raises(config.UnknownName, match="known families"):
-        concepts.concept_set(types.SimpleNamespace(family="sdxl"))
+        concepts.concept_set(types.SimpleNamespace(family="sd3"))
     with pytest.raises(config.UnknownName, match="known families"):
-        concepts.preserve_prompts(types.SimpleNamespace(family="sdxl"), [])
+        concepts.preserve_prompts(types.SimpleNamespace(family="sd3"), [])
     with pytest.raises(config.BadType, match="family"):
         families.family_of(42)
-    assert "sdxl" not in concepts.CONCEPT_SETS and concepts.CONCEPT_SETS.get("sdxl") is None
+    assert "sd3" not in concepts.CONCEPT_SETS and concepts.CONCEPT_SETS.get("sd3") is None

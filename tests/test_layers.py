@@ -15,6 +15,7 @@ LAYERS = [
     ["world", "paper", "report", "plots", "picture", "perceptual", "checkpoint", "storage"],
     ["families"],
     ["model"],
+    ["loading"],
     ["concepts", "deltas", "card"],
     ["classifier", "gcirs", "lora"],
     ["nullspace", "adapters"],

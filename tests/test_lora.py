@@ -52,6 +52,23 @@ def sd_model(random_sd_folder):
 
 
 @pytest.fixture(scope="module")
+def sdxl_deltas(sdxl):
+    """Three SDXL increments made by the library: SepME's two (to_k/to_v) and UCE's (to_k/to_v, closed form)."""
+    cs = sm.make_concepts(sdxl, ["Van Gogh", "Cezanne", "Picasso"], n_ref=2)
+    return sm.erase(sdxl, cs[:2], method="sepme", cap=2, batch=1, progress=False) + \
+        sm.erase(sdxl, cs[2:], method="uce", progress=False)
+
+
+def saved_inputs(model, x, t, emb) -> dict:
+    """The UNet's inputs as a diffusers-only script passes them (SDXL: context, pooled embedding, time ids)."""
+    out = {"x": x, "t": t, "emb": model.context(emb).contiguous()}
+    if model.time_ids is not None:
+        out.update(text_embeds=emb[:, 0, model.context_dim:].contiguous(),
+                   time_ids=model.time_ids.expand(len(emb), -1).contiguous())
+    return out
+
+
+@pytest.fixture(scope="module")
 def sd_deltas(sd_model):
     """Three increments of real size on the random SD model: to_k/to_v only, every attn2 parameter (to_q, to_out and
     its bias too: the lora_bias path), and to_v only."""
@@ -118,9 +135,9 @@ def test_truncated_export_keeps_the_certificate_and_prints_its_cost(tiny, bundle
     assert json.loads(safe_open(str(tmp_path / "r4" / lora.WEIGHTS), "pt").metadata()["sepme_lora"])["rank"] == 4
 
 
-@pytest.mark.parametrize("which", ["tiny", "sd"])
-def test_set_adapters_equals_the_library_combination(which, tiny, bundled, sd_model, sd_deltas):
-    model, deltas = (tiny, bundled) if which == "tiny" else (sd_model, sd_deltas)
+@pytest.mark.parametrize("which", ["tiny", "sd", "sdxl"])
+def test_set_adapters_equals_the_library_combination(which, tiny, bundled, sd_model, sd_deltas, sdxl, sdxl_deltas):
+    model, deltas = dict(tiny=(tiny, bundled), sd=(sd_model, sd_deltas), sdxl=(sdxl, sdxl_deltas))[which]
     x, t, emb = inputs(model)
     a = AdapterUNet(model.unet, deltas)
     assert a.names == [lora.adapter_name(d.name) for d in deltas]
@@ -132,15 +149,17 @@ def test_set_adapters_equals_the_library_combination(which, tiny, bundled, sd_mo
 
 
 def test_a_script_with_only_torch_and_diffusers_reproduces_the_library(tiny, bundled, sd_model, sd_deltas,
-                                                                      random_sd_folder, tmp_path):
-    """The exported folders load with nothing from sepme_lib (bundled UNet: load_lora_adapter; SD folder:
+                                                                      random_sd_folder, sdxl, sdxl_deltas,
+                                                                      random_sdxl_folder, tmp_path):
+    """The exported folders load with nothing from sepme_lib (bundled UNet: load_lora_adapter; SD and SDXL folders:
     pipe.load_lora_weights) and set_adapters gives the library's outputs to <= 1e-5 relative."""
     specs, refs = [], []
     for kind, model, deltas, path in (("unet", tiny, bundled, config.TINY_DIR / "unet"),
-                                      ("pipeline", sd_model, sd_deltas, random_sd_folder["pipeline"])):
+                                      ("pipeline", sd_model, sd_deltas, random_sd_folder["pipeline"]),
+                                      ("sdxl", sdxl, sdxl_deltas, random_sdxl_folder["pipeline"])):
         x, t, emb = inputs(model)
         folders = {lora.adapter_name(d.name): str(d.save_lora(tmp_path / kind / d.name, verbose=False)) for d in deltas}
-        save_file({"x": x, "t": t, "emb": emb.contiguous()}, tmp_path / f"{kind}_in.safetensors")
+        save_file(saved_inputs(model, x, t, emb), tmp_path / f"{kind}_in.safetensors")
         specs.append(dict(kind=kind, model=str(path), loras=folders, inputs=str(tmp_path / f"{kind}_in.safetensors"),
                           combos=COMBOS, out=str(tmp_path / f"{kind}_out.safetensors")))
         refs.append(library_outputs(model, deltas, x, t, emb))

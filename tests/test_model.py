@@ -6,7 +6,7 @@ import torch
 
 from sepme_lib import erase, nullspace, world
 from sepme_lib.concepts import Concept
-from sepme_lib.model import load_model, load_tiny
+from sepme_lib.loading import load_model, load_tiny
 
 
 def test_tiny_adapter_shapes(tiny):
