@@ -67,9 +67,11 @@ nbval-a: $(VENV)/.installed
 nbval-b: $(VENV)/.installed
 	$(NBVAL) $(foreach n,$(NBVAL_B),$(wildcard notebooks/$(n)_*.ipynb))
 
-# every notebook on a random-weight SD 1.x folder (built in a temporary directory), ci profile, CPU
+# every notebook on a random-weight SD 1.x folder and on a random-weight SDXL folder (each built in a temporary
+# directory), ci profile, CPU
 test-sd: $(VENV)/.installed
 	$(PY) -m sepme_lib.course test-sd
+	$(PY) -m sepme_lib.course test-sd --kind sdxl
 
 # JupyterLab headless + Debian's chromium: run notebook 05, toggle a checkbox, move a slider (tests/browser_lab.py)
 test-browser: $(VENV)/.browser

@@ -74,11 +74,10 @@ def _tables(model) -> list:
     return out
 
 
-def _table(model):
-    """The token table ``(name, weight)``; on SDXL the two tables side by side (``(vocab, d_1 + d_2)``): a token
-    vector of the attacks is one row of it."""
-    tables = _tables(model)
-    return tables[0][0], torch.cat([w for _, w in tables], dim=-1)
+def token_table(model) -> torch.Tensor:
+    """The token table ``(vocab, d_tok)``; on SDXL the two encoders' tables side by side (``d_1 + d_2``): a token
+    vector of the attacks is one row of it (notebook 09)."""
+    return torch.cat([w for _, w in _tables(model)], dim=-1)
 
 
 def encode_ids(model, ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,7 +149,7 @@ def inversion(model, deltas, concept: Concept, prompts, steps: int = 300, lr: fl
     reference image) recovered less on the bundled model (0.15 against 0.5 on the bundled striped increment, 300 steps)."""
     weights = edited_weights(model, deltas) if deltas else None
     captions = list(concept.prompts)  # the concept's prompts with <v> for its word
-    _, table = _table(model)
+    table = token_table(model)
     vocab = table.shape[0]
     first = model.tokenizer(concept.name, add_special_tokens=False).input_ids
     v = table[first].detach().float().mean(0, keepdim=True).clone().requires_grad_(True)  # start: the word itself
@@ -185,7 +184,7 @@ def prompt_search(model, deltas, concept: Concept, prompts, tokens: int = 3, swe
     cs = concept_set(model)
     captions = cs.prompts(concept.name, 4) if concept.name in cs.evaluate else list(concept.prompts)
     bad = banned_tokens(model, concept.name)
-    allowed = torch.tensor([i for i in range(len(model.tokenizer)) if i not in bad and i < _table(model)[1].shape[0]])
+    allowed = torch.tensor([i for i in range(len(model.tokenizer)) if i not in bad and i < token_table(model).shape[0]])
     x_t, t, noise = denoise_batch(model, concept, batch, seed)
     cap = [captions[k % len(captions)] for k in range(batch)]
     filler = model.tokenizer("a", add_special_tokens=False).input_ids[0]

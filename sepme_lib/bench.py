@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from . import config, gcirs, gpupath, methods, nullspace, report, robustness, separability, sepme, world
+from . import config, families, gcirs, gpupath, methods, nullspace, report, robustness, separability, sepme, world
 from .classifier import accuracy, load_classifier
 from .concepts import make_concepts
 from .evaluate import acc_table, combination_table, eval_prompts, generate, others_mean, redteam_probe
@@ -340,17 +340,16 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--entries", default=None, help=f"comma-separated subset of {', '.join(separability.SPECS)}")
     sp.add_argument("--no-curve", action="store_true", help="skip the trade-off curve")
     gp = sub.add_parser("gpu-path", parents=[common], help="time and peak memory of each SD operation (gpupath)")
-    gp.add_argument("--model", required=True, help="a diffusers SD 1.x folder, e.g. the full-size random SD 1.4 of "
-                                                   "`python -m sepme_lib.random_sd DIR --size full` (DIR/pipeline)")
+    gp.add_argument("--model", required=True, help="a diffusers SD 1.x or SDXL folder, e.g. the full-size random SD "
+                                                   "1.4 of `python -m sepme_lib.random_sd DIR --size full` (DIR/pipeline)")
     gp.add_argument("--device", default=None, help="cpu or cuda (default: config.get_device)")
     gp.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default: config.default_dtype")
     gp.add_argument("--repeats", type=config.positive_int, default=3, help="timed runs after the warm-up")
+    gp.add_argument("--ops", default=None, help=f"a comma-separated subset of {', '.join(gpupath.OPS)} (default: all)")
     gp.add_argument("--slow-s", type=float, default=60.0, help="an op whose warm-up takes longer is timed once")
     gp.add_argument("--steps", type=config.positive_int, default=3, help="DDIM steps timed (50 extrapolated)")
-    gp.add_argument("--images", type=config.positive_int, default=None, help="images per sampling batch "
-                                                                              "(default: 1 on a CPU, else 8)")
-    gp.add_argument("--in-process", action="store_true", help="all ops in this process (faster; CPU peaks "
-                                                              "less exact) instead of one subprocess per op")
+    gp.add_argument("--images", type=config.positive_int, default=None, help="images per batch (1 on a CPU, else 8)")
+    gp.add_argument("--in-process", action="store_true", help="all ops in this process, not one subprocess each")
     sub.add_parser("capacity", parents=[common], help="null-space capacity at SD 1.4's and SDXL's dimensions")
     rb = sub.add_parser("robustness", parents=[common, prof], help="every method x attack (notebook 09)")
     rb.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(robustness.method_list())}")
@@ -362,8 +361,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     prof = config.profile(getattr(args, "profile", None))["name"]
     path = config.RESULTS / f"{args.what}{'_tradeoff' if getattr(args, 'tradeoff', False) else ''}_{prof}.json"
-    if args.what == "gpu-path":
-        path = config.RESULTS / f"gpu_path_{config.get_device(args.device).type}.json"
+    if args.what == "gpu-path":  # gpu_path_<device>.json for SD 1.x, gpu_path_<device>_sdxl.json for SDXL
+        suffix = families.model_family(args.model).results_suffix
+        path = config.RESULTS / f"gpu_path_{config.get_device(args.device).type}{suffix}.json"
     if args.what == "relatives" and args.methods:  # (robustness checks its own --methods)
         methods_ = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods_ if m not in methods.METHODS]
@@ -409,7 +409,8 @@ def main(argv=None):
         res["complete"] = True
     elif args.what == "gpu-path":
         res = gpupath.gpu_path(args.model, args.device, args.dtype, not args.in_process, args.repeats, args.slow_s,
-                               args.steps, args.images, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                               args.steps, args.images, ops=args.ops or gpupath.OPS,
+                               progress=lambda m: print(m, file=sys.stderr, flush=True))
         res["command"] = "python -m sepme_lib.bench " + " ".join(argv if argv is not None else sys.argv[1:])
         res["markdown"] = gpupath.markdown(res)
     elif args.what == "capacity":

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import config, exercises, random_sd
+from . import config, exercises, random_sd, report
 from .config import environment  # noqa: F401 - course.environment, used by the runner and tests
 from .report import write_report
 
@@ -185,7 +185,7 @@ def _execute(nb, path: Path, timeout: int, store_widget_state: bool = True):
                 self.nb.cells[index] = cell
             return super().preprocess_cell(cell, resources, index)
 
-    ep = Checked(timeout=timeout, kernel_name="python3", record_timing=False, store_widget_state=store_widget_state)
+    ep = Checked(timeout=timeout, kernel_name="python3", record_timing=True, store_widget_state=store_widget_state)
     try:
         ep.preprocess(nb, {"metadata": {"path": str(path.parent)}})
     except Exception as e:  # noqa: BLE001 - reported by the caller
@@ -230,6 +230,8 @@ def execute(notebooks=None, timeout: int = 1800) -> list[dict]:
             err = _execute(nb, path, timeout, store_widget_state=bool(keep))
             dt = time.time() - t0
             if err is None:
+                slow = ", ".join(f"cell {k} {sec:.0f} s" for k, sec in report.cell_seconds(nb)[:5])
+                print(f"{path.name}: slowest cells {slow}", flush=True)
                 size = len(json.dumps(nb.metadata.get("widgets", {})))
                 if size > keep:
                     nb.metadata.pop("widgets", None)
@@ -278,13 +280,14 @@ def run(notebooks_dir: Path, out_dir: Path, pattern: str = PATTERN, timeout: int
     return results
 
 
-def run_on_random_sd(out_dir: Path | None = None, pattern: str = PATTERN) -> list[dict]:
-    """Every notebook on a random-weight SD 1.x folder (``make test-sd``): ``PROFILE=ci``, CPU, ``MODEL`` and
-    ``SEPME_CLIP`` pointing at ``random_sd.build_folder``'s pipeline and CLIP judge in a temporary directory."""
-    with tempfile.TemporaryDirectory(prefix="sepme-sd-") as tmp:
+def run_on_random_sd(out_dir: Path | None = None, pattern: str = PATTERN, kind: str = "sd") -> list[dict]:
+    """Every notebook on a random-weight SD 1.x (``kind="sd"``) or SDXL (``"sdxl"``) folder (``make test-sd`` runs
+    both): ``PROFILE=ci``, CPU, ``MODEL`` and ``SEPME_CLIP`` pointing at ``random_sd.build_folder``'s pipeline and CLIP
+    judge in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix=f"sepme-{random_sd.check_kind(kind)}-") as tmp:
         t0 = time.time()
-        folders = random_sd.build_folder(Path(tmp) / "rsd")
-        print(f"random SD folder in {time.time() - t0:.0f} s: {folders['pipeline']}", flush=True)
+        folders = random_sd.build_folder(Path(tmp) / "rsd", kind=kind)
+        print(f"random {kind} folder in {time.time() - t0:.0f} s: {folders['pipeline']}", flush=True)
         env = dict(MODEL=str(folders["pipeline"]), SEPME_CLIP=str(folders["clip"]), PROFILE="ci", SEPME_DEVICE="cpu",
                    HF_HUB_DISABLE_PROGRESS_BARS="1")
         with environment(env):
@@ -400,6 +403,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("repo", help="OWNER/NAME of the GitHub repository")
     t = sub.add_parser("test-sd", help="every notebook on a random-weight SD folder, ci profile (make test-sd)")
     t.add_argument("--pattern", default=PATTERN)
+    t.add_argument("--kind", choices=random_sd.KINDS, default="sd", help="sd: SD 1.x (default); sdxl: SDXL")
     sub.add_parser("install-cell", help="print the Colab install cell")
     return ap
 
@@ -427,7 +431,7 @@ def main(argv=None):
     if args.command == "execute":
         results = execute(args.notebooks)
     elif args.command == "test-sd":
-        results = run_on_random_sd(pattern=args.pattern)
+        results = run_on_random_sd(pattern=args.pattern, kind=args.kind)
     else:
         results = run(args.notebooks, args.out, args.pattern)
         print(f"report: {write_report(results, args.out)}")

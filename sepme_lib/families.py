@@ -75,7 +75,8 @@ class Family:
     ``load_model`` names that select the family (any other name selects :data:`HUB_FAMILY`); ``pipeline``: the
     diffusers pipeline class of the family's folders (``model_index.json``'s ``_class_name``; ``load_model`` picks the
     family from it); ``settings``: the family whose entries of ``methods.DEFAULTS`` (and of the other per-family
-    tables) this one uses (``""``: its own)."""
+    tables) this one uses (``""``: its own); ``results_suffix``: added to the names of the files ``bench gpu-path``
+    saves for the family's models (``gpu_path_cpu_sdxl.json``)."""
 
     name: str
     title: str
@@ -97,6 +98,7 @@ class Family:
     model_names: tuple = ()
     pipeline: str = "StableDiffusionPipeline"
     settings: str = ""
+    results_suffix: str = ""
 
     @property
     def settings_key(self) -> str:
@@ -294,7 +296,7 @@ FAMILIES: dict = {
 }
 # SDXL: 1024 x 1024 images (128 x 128 latents, 4x SD 1.x's) through a UNet 3x SD 1.x's: 2 images per batch
 FAMILIES["sdxl"] = dataclasses.replace(FAMILIES["sd"], name="sdxl", title="Stable Diffusion XL", batch=2, cli_batch=2,
-                                       pipeline="StableDiffusionXLPipeline", settings="sd")
+                                       pipeline="StableDiffusionXLPipeline", settings="sd", results_suffix="_sdxl")
 BUNDLED = "tiny"  # the family of the bundled model (the world's judge and vocabulary when no model is given)
 HUB_FAMILY = "sd"  # the family of any model name no entry lists (a Stable Diffusion 1.x hub id or folder)
 JUDGES = ("classifier", "clip")

@@ -123,7 +123,8 @@ def measure(op: str, model_path: str, device=None, dtype=None, repeats: int = 3,
         return dict(row, seconds=time.perf_counter() - t0, repeats=1, peak_mem_gib=_peak_gib(dev),
                     shape=dict(parameters_m={k: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for k, m in
                                              (("unet", model.unet), ("text_encoder", model.text_encoder),
-                                              ("vae", model.vae))}),
+                                              ("text_encoder_2", model.text_encoder_2), ("vae", model.vae))
+                                             if m is not None}),
                     note="every weight read once (resident); peak includes the transient of loading the folder")
     cs = concept_set(model)
     erase_names = list(cs.erase)
@@ -172,7 +173,7 @@ def measure(op: str, model_path: str, device=None, dtype=None, repeats: int = 3,
         times, ds = _timed(lambda: methods.erase(model, [con], method=op), dev, repeats, slow_s)
         shape = dict(concepts=1, edited_matrices=len(ds[0].tensors), d_in=d_in)
     else:  # ddim_image
-        n = images or (1 if dev.type == "cpu" else families.get("sd").sample_batch())
+        n = images or (1 if dev.type == "cpu" else families.family_of(model).sample_batch())
         stamps = []
         prompts = [cs.prompts(erase_names[0], 1)[0]] * n
         model._empty = None  # the empty prompt's embedding is part of the sampling time
@@ -321,8 +322,9 @@ def environment(device: torch.device) -> dict:
 
 def gpu_path(model_path: str, device=None, dtype=None, isolate: bool = True, repeats: int = 3, slow_s: float = 60.0,
              steps: int = 2, images: int | None = None, ops=OPS, progress=None) -> dict:
-    """Every row of :data:`OPS` (each in its own subprocess when ``isolate``), the derived rows and the notebook
-    estimates for every profile (``config.PROFILES``), and the capacity table (``nullspace.capacity_rows``)."""
+    """Every row of :data:`OPS` (or of ``ops``, names or one comma-separated string; each in its own subprocess when
+    ``isolate``), the derived rows and the notebook estimates for every profile (``config.PROFILES``; all ops needed),
+    and the capacity table (``nullspace.capacity_rows``)."""
     dev = config.get_device(device)
     if dtype is None:
         dtype = config.default_dtype(model_path, dev)
@@ -334,6 +336,10 @@ def gpu_path(model_path: str, device=None, dtype=None, isolate: bool = True, rep
     if not Path(model_path).expanduser().exists():
         raise BadValue(f"--model {model_path!r} is not a folder here; build the full-size random SD 1.4 with "
                        "`python -m sepme_lib.random_sd DIR --size full` and pass DIR/pipeline (or a real SD folder)")
+    ops = tuple(o.strip() for o in ops.split(",") if o.strip()) if isinstance(ops, str) else tuple(ops)
+    bad = [o for o in ops if o not in OPS]
+    if bad or not ops:
+        raise BadValue(f"--ops: unknown or empty {bad or ops!r}; choose from {', '.join(OPS)}")
     kw = dict(repeats=repeats, slow_s=slow_s, steps=steps, images=images)
     rows = {}
     for op in ops:
@@ -343,7 +349,8 @@ def gpu_path(model_path: str, device=None, dtype=None, isolate: bool = True, rep
         if progress:
             progress(f"{op}: {rows[op]['seconds']:.3g} s, {rows[op]['peak_mem_gib']:.3g} GiB "
                      f"({time.time() - t0:.0f} s wall)")
-    out = dict(model=str(model_path), device=str(dev), dtype=dtype or "fp32", **environment(dev),
+    out = dict(model=str(model_path), family=families.model_family(str(model_path)).name, device=str(dev),
+               dtype=dtype or "fp32", **environment(dev),
                memory="fresh subprocess per op" if isolate else "one process (CPU peak reset per op)",
                rows=list(rows.values()))
     if all(o in rows for o in OPS):

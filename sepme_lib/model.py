@@ -238,19 +238,25 @@ class T2IModel:
         t = t.expand(z_t.shape[0]) if t.dim() == 0 else t
         dt = self.unet.dtype
         z_t, emb = z_t.to(dt), emb.to(dt)
-        kwargs = {"encoder_hidden_states": self.context(emb)}
-        if self.time_ids is not None and emb.shape[-1] == self.context_dim:
-            raise BadValue(f"this model (SDXL) takes conditions of width {self.context_dim} + the pooled embedding, "
-                           f"as model.embed returns them; got a bare context of width {emb.shape[-1]} (give it the "
-                           "prompt's pooled embedding with model.with_context(model.embed(prompts), context))")
-        if self.time_ids is not None:  # SDXL: the pooled embedding (same on every row) and the size conditioning
-            kwargs["added_cond_kwargs"] = dict(text_embeds=emb[:, 0, self.context_dim:],
-                                               time_ids=self.time_ids.to(dt).expand(len(emb), -1))
+        kwargs = self.unet_inputs(emb)
         if weights:
             out = functional_call(self.unet, weights, (z_t, t), kwargs, strict=False).sample
         else:
             out = self.unet(z_t, t, **kwargs).sample
         return out.float()
+
+    def unet_inputs(self, emb: torch.Tensor) -> dict:
+        """The UNet's keyword inputs for conditions ``emb``: ``encoder_hidden_states`` (the context), and on SDXL
+        ``added_cond_kwargs`` (the pooled embedding, the same on every row, and the size conditioning)."""
+        kwargs = {"encoder_hidden_states": self.context(emb)}
+        if self.time_ids is not None and emb.shape[-1] == self.context_dim:
+            raise BadValue(f"this model (SDXL) takes conditions of width {self.context_dim} + the pooled embedding, "
+                           f"as model.embed returns them; got a bare context of width {emb.shape[-1]} (give it the "
+                           "prompt's pooled embedding with model.with_context(model.embed(prompts), context))")
+        if self.time_ids is not None:
+            kwargs["added_cond_kwargs"] = dict(text_embeds=emb[:, 0, self.context_dim:],
+                                               time_ids=self.time_ids.to(emb.dtype).expand(len(emb), -1))
+        return kwargs
 
     def to_eps(self, out, z_t, t):
         """Convert a raw output to eps: for v-prediction ``eps = sqrt(abar) v + sqrt(1-abar) x_t``."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import os
+from datetime import datetime
 from pathlib import Path
 
 from . import config
@@ -201,3 +202,16 @@ def write_report(results, out_dir) -> Path:
     path = Path(out_dir) / "report.html"
     path.write_text("\n".join(parts))
     return path
+
+
+def cell_seconds(nb) -> list[tuple[int, float]]:
+    """``(cell index, seconds)`` of every executed code cell, slowest first, from the timing the kernel recorded
+    (``metadata.execution``; ``course.normalise`` removes it before a notebook is written)."""
+    out = []
+    for k, cell in enumerate(nb.cells):
+        ex = cell.get("metadata", {}).get("execution", {})
+        a, b = ex.get("iopub.execute_input"), ex.get("shell.execute_reply")
+        if a and b:
+            out.append((k, (datetime.fromisoformat(b.replace("Z", "+00:00"))
+                            - datetime.fromisoformat(a.replace("Z", "+00:00"))).total_seconds()))
+    return sorted(out, key=lambda kv: -kv[1])

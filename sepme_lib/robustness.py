@@ -186,7 +186,8 @@ def tradeoff(profile: str = "full", series=None, model=None, judge=None, progres
     ``TRADEOFF[profile]``), SepME with that protection (``"concept"``: ``methods.concept_level``; ``"prompt"``: the
     paper's SepME_1) erases the three styles together with that many rounds, and each increment is attacked by the
     evaluation inversion (``methods.ATTACK_BUDGETS``) and the derived embedding. One row per point and style:
-    ``inversion_acc``, ``derived_acc``, ``erased_acc``, ``certified``, ``cpu_s_per_concept``."""
+    ``inversion_acc``, ``derived_acc``, ``erased_acc``, ``certified``, ``cpu_s_per_concept``. A profile's ``settings``
+    (none by default) override SepME's settings at every point."""
     prof = dict(config.profile(profile := config.bench_profile(profile)), **TRADEOFF[profile])
     series = prof["series"] if series is None else series
     if set(series) - {"concept", "prompt"}:
@@ -202,6 +203,7 @@ def tradeoff(profile: str = "full", series=None, model=None, judge=None, progres
     rows, t_start = [], time.time()
     for prot, k, budget in points:
         extra = dict(methods.concept_level(model) if prot == "concept" else {}, **methods.profile_settings("sepme", prof))
+        extra.update(prof.get("settings", {}))  # SepME overrides of a profile (a test's step cap)
         if k:
             extra["robust"] = dict(methods.ROBUST[families.settings_key(model)], rounds=k, inversion_steps=budget)
         c0 = time.process_time()

@@ -35,7 +35,8 @@ def diffusion_loss(unet, alphas_cumprod, x0, emb, t, noise, prediction_type="v_p
     (for v-prediction) or ``min(SNR, g) / SNR`` (for epsilon). ``weights``: parameters by name that replace the
     UNet's (``torch.func.functional_call``), so that notebook 01 can train a few of them on any model, Stable
     Diffusion included, without copying the UNet; inputs are cast to the UNet's dtype and the output back to
-    float32 (no-ops for the float32 bundled model)."""
+    float32 (no-ops for the float32 bundled model). ``unet``: a diffusers UNet, or a ``T2IModel`` (its UNet is run
+    with the inputs the model's conditions need, ``T2IModel.unet_inputs``: SDXL's pooled embedding and time ids)."""
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     if prediction_type == "v_prediction":
@@ -44,11 +45,15 @@ def diffusion_loss(unet, alphas_cumprod, x0, emb, t, noise, prediction_type="v_p
         target = noise
     else:
         raise ValueError(f"unsupported prediction type {prediction_type!r}")
+    if hasattr(unet, "unet_inputs"):  # a T2IModel
+        kwargs, unet = unet.unet_inputs(emb.to(unet.unet.dtype)), unet.unet
+    else:
+        kwargs = {"encoder_hidden_states": emb.to(unet.dtype)}
     dt = unet.dtype
     if weights:
-        pred = functional_call(unet, weights, (xt.to(dt), t), {"encoder_hidden_states": emb.to(dt)}, strict=False)
+        pred = functional_call(unet, weights, (xt.to(dt), t), kwargs, strict=False)
     else:
-        pred = unet(xt.to(dt), t, encoder_hidden_states=emb.to(dt))
+        pred = unet(xt.to(dt), t, **kwargs)
     pred = pred.sample.float()
     per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     if snr_gamma:

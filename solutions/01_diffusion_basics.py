@@ -33,13 +33,13 @@ def ddim_step(x_t, eps, t, t_prev, alphas_cumprod):
 # %% Exercise 01.3
 # Exercise 01.3: the keys K = c W_k^T (L, d_out) of one attn2 layer for one prompt.
 def keys(model, layer_name, prompt):
-    c = model.embed([prompt])[0]
+    c = model.embed_context([prompt])[0]
     W_k = model.cross_attention_layers()[layer_name].to_k.weight
     return c @ W_k.T
 
 
 # %% Wrong 01.3 (the value projection instead of the key projection)
 def keys(model, layer_name, prompt):
-    c = model.embed([prompt])[0]
+    c = model.embed_context([prompt])[0]
     W_v = model.cross_attention_layers()[layer_name].to_v.weight
     return c @ W_v.T

@@ -8,7 +8,7 @@ import torch
 
 
 def stack_rows(model, prompts):
-    rows = [model.empty()[0] if p == "" else model.embed([p])[0] for p in prompts]  # each (L, d_in)
+    rows = [model.empty_context()[0] if p == "" else model.embed_context([p])[0] for p in prompts]  # each (L, d_in)
     return torch.cat(rows)                                                          # (k L, d_in)
 
 
@@ -17,7 +17,7 @@ import torch
 
 
 def stack_rows(model, prompts):
-    rows = [model.empty()[0] if p == "" else model.embed([p])[0] for p in prompts]
+    rows = [model.empty_context()[0] if p == "" else model.embed_context([p])[0] for p in prompts]
     return torch.stack([r.mean(0) for r in rows])
 
 
@@ -52,7 +52,7 @@ import torch
 
 
 def leakage(model, tensors, prompt):
-    A = (model.empty()[0] if prompt == "" else model.embed([prompt])[0]).float()
+    A = (model.empty_context()[0] if prompt == "" else model.embed_context([prompt])[0]).float()
     weights = model.params(list(tensors))
     return max(float((A @ dW.float().T).norm() / (A @ weights[k].detach().float().T).norm())
                for k, dW in tensors.items())
@@ -63,7 +63,7 @@ import torch
 
 
 def leakage(model, tensors, prompt):
-    A = (model.empty()[0] if prompt == "" else model.embed([prompt])[0]).float()
+    A = (model.empty_context()[0] if prompt == "" else model.embed_context([prompt])[0]).float()
     weights = model.params(list(tensors))
     vals = [float((A @ dW.float().T).norm() / (A @ weights[k].detach().float().T).norm()) for k, dW in tensors.items()]
     return sum(vals) / len(vals)

@@ -11,7 +11,7 @@ def kv_change(model, delta, captions):
     params = dict(model.unet.named_parameters())
     per_caption = []
     for p in captions:
-        A = model.embed([p])[0]
+        A = model.embed_context([p])[0]
         per_caption.append(max(float((A @ dW.float().T).norm() / (A @ params[k].detach().float().T).norm())
                                for k, dW in delta.tensors.items() if k.endswith(("to_k.weight", "to_v.weight"))))
     return float(torch.tensor(per_caption).quantile(0.5)), max(per_caption)
@@ -25,7 +25,7 @@ def kv_change(model, delta, captions):
     params = dict(model.unet.named_parameters())
     per_caption = []
     for p in captions:
-        A = model.embed([p])[0]
+        A = model.embed_context([p])[0]
         ratios = [float((A @ dW.float().T).norm() / (A @ params[k].detach().float().T).norm())
                   for k, dW in delta.tensors.items() if k.endswith(("to_k.weight", "to_v.weight"))]
         per_caption.append(sum(ratios) / len(ratios))

@@ -99,7 +99,7 @@ def test_attacks_run_on_a_random_sd_model(tiny_sd):
 
 def test_robustness_rows_have_the_issue_schema(tiny, clf, monkeypatch):
     """The benchmark's plumbing (rows, keys, the table) with the smallest budgets: numbers are the full run's job."""
-    monkeypatch.setitem(robustness.PROFILES, "ci", dict(styles=("striped",), n=2, n_ref=4, budgets={
+    monkeypatch.setitem(robustness.PROFILES, "ci", dict(styles=("striped",), n=2, n_ref=4, sample_steps=4, budgets={
         "inversion": dict(steps=2), "prompt_search": dict(tokens=1, candidates=4, batch=2)}))
     out = robustness.benchmark("ci", ["original", "uce"], model=tiny, judge=clf)
     assert len(out["rows"]) == 2 * len(attacks.NAMES)
@@ -127,7 +127,7 @@ def test_attack_budgets_follow_the_family_and_cap_random_sd_in_ci(tiny, tiny_sd)
 def test_tradeoff_points_keep_the_certificate(tiny, clf, monkeypatch):
     """`bench robustness --tradeoff` plumbing at the smallest sizes: one row per point and style, the 0-round point
     is concept-level SepME, every point keeps the certificate, and more rounds cost more CPU."""
-    monkeypatch.setitem(robustness.TRADEOFF, "ci", dict(n=2, n_ref=4,
+    monkeypatch.setitem(robustness.TRADEOFF, "ci", dict(n=2, n_ref=4, sample_steps=4, settings=dict(cap=6, warmup=1),
                                                         series={"concept": dict(rounds=(0, 1), budgets=(3,))}))
     monkeypatch.setitem(robustness.PROFILES, "ci", dict(robustness.PROFILES["ci"], budgets={"inversion": dict(steps=2)}))
     out = robustness.tradeoff("ci", model=tiny, judge=clf)

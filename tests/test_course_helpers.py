@@ -136,3 +136,15 @@ def test_lines_draws_each_curve_on_its_own_x_with_the_legend_outside():
     assert [t.get_text() for t in legend.get_texts()] == ["a", "b", "goal"]
     fig.canvas.draw()
     assert legend.get_window_extent().x0 > ax.get_window_extent().x1  # right of the axes, covering no point
+
+
+def test_cell_seconds_reads_the_kernels_timing_slowest_first():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("a"), nbformat.v4.new_markdown_cell("m"),
+                                         nbformat.v4.new_code_cell("b"), nbformat.v4.new_code_cell("c")])
+    nb.cells[0].metadata["execution"] = {"iopub.execute_input": "2026-12-07T10:00:00.000Z",
+                                         "shell.execute_reply": "2026-12-07T10:00:01.500Z"}
+    nb.cells[2].metadata["execution"] = {"iopub.execute_input": "2026-12-07T10:00:02.000Z",
+                                         "shell.execute_reply": "2026-12-07T10:00:12.250Z"}
+    assert report.cell_seconds(nb) == [(2, 10.25), (0, 1.5)]  # the cell without timing is left out

@@ -127,3 +127,8 @@ def test_the_concept_that_no_longer_fits_fails_before_training(tiny_sd, monkeypa
     with pytest.raises(nullspace.CapacityError, match=r"concept-level protection.*notebook 08") as e:
         methods.erase(tiny_sd, concepts, method="sepme")
     assert "fewer prompts per concept" in str(e.value)
+
+
+def test_gpu_path_refuses_unknown_ops(tmp_path):
+    with pytest.raises(BadValue, match="unknown or empty"):
+        gpupath.gpu_path(str(tmp_path), device="cpu", ops="load,train_everything")
