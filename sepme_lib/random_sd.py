@@ -115,7 +115,9 @@ def full_parts_xl(vocab_size: int = CLIP_VOCAB):
     vae = AutoencoderKL(**SDXL10["vae"])
     text = CLIPTextModel(CLIPTextConfig(**dict(SDXL10["text"], vocab_size=vocab_size)))
     text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(SDXL10["text_2"], vocab_size=vocab_size)))
-    return unet, vae, text, text_2, EulerDiscreteScheduler.from_config(SDXL10["scheduler"])
+    with torch.device("cpu"):  # the scheduler's tables are real tensors even when the parts are built on "meta"
+        sched = EulerDiscreteScheduler.from_config(SDXL10["scheduler"])
+    return unet, vae, text, text_2, sched
 
 
 def pad_vocabulary(directory: Path, size: int = CLIP_VOCAB) -> None:

@@ -132,3 +132,16 @@ def test_the_concept_that_no_longer_fits_fails_before_training(tiny_sd, monkeypa
 def test_gpu_path_refuses_unknown_ops(tmp_path):
     with pytest.raises(BadValue, match="unknown or empty"):
         gpupath.gpu_path(str(tmp_path), device="cpu", ops="load,train_everything")
+
+
+def test_full_size_sdxl_has_the_real_architecture_and_parameter_counts():
+    with torch.device("meta"):
+        unet, vae, text, text_2, sched = random_sd.full_parts_xl()
+    for name, m in dict(unet=unet, vae=vae, text_encoder=text, text_encoder_2=text_2).items():
+        assert sum(p.numel() for p in m.parameters()) == random_sd.SDXL10_PARAMETERS[name], name
+    k = [n for n, p in unet.named_parameters() if n.endswith("attn2.to_k.weight")]
+    assert len(k) == 70 and all(dict(unet.named_parameters())[n].shape[1] == 2048 for n in k)  # 768 + 1280
+    assert unet.config.addition_embed_type == "text_time" and unet.config.projection_class_embeddings_input_dim == \
+        text_2.config.projection_dim + 6 * unet.config.addition_time_embed_dim
+    assert text.config.hidden_size + text_2.config.hidden_size == unet.config.cross_attention_dim
+    assert vae.config.scaling_factor == 0.13025 and sched.config.timestep_spacing == "leading"
