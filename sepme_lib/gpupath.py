@@ -212,7 +212,8 @@ def measure_isolated(op: str, model_path: str, device=None, dtype=None, **kw) ->
             cmd += [f"--{k.replace('_', '-')}", str(v)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=config.ROOT, check=False)
     if res.returncode != 0:
-        raise RuntimeError(f"gpu-path op {op!r} failed (exit {res.returncode}): {res.stderr[-1500:]}")
+        why = " (killed: out of memory?)" if res.returncode == -9 else ""
+        raise RuntimeError(f"gpu-path op {op!r} failed (exit {res.returncode}{why}): {res.stderr[-1500:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -341,18 +342,26 @@ def gpu_path(model_path: str, device=None, dtype=None, isolate: bool = True, rep
     if bad or not ops:
         raise BadValue(f"--ops: unknown or empty {bad or ops!r}; choose from {', '.join(OPS)}")
     kw = dict(repeats=repeats, slow_s=slow_s, steps=steps, images=images)
-    rows = {}
+    rows, failed = {}, []
     for op in ops:
         t0 = time.time()
-        rows[op] = (measure_isolated(op, model_path, str(dev), dtype, **kw) if isolate
-                    else measure(op, model_path, dev, dtype, **kw))
+        try:
+            rows[op] = (measure_isolated(op, model_path, str(dev), dtype, **kw) if isolate
+                        else measure(op, model_path, dev, dtype, **kw))
+        except RuntimeError as e:  # an op that fails (killed for memory: exit -9) is recorded; the others are kept
+            if not isolate:
+                raise
+            failed.append(dict(op=op, error=str(e).splitlines()[0][:300], wall_s=round(time.time() - t0)))
+            if progress:
+                progress(f"{op}: FAILED ({failed[-1]['error']})")
+            continue
         if progress:
             progress(f"{op}: {rows[op]['seconds']:.3g} s, {rows[op]['peak_mem_gib']:.3g} GiB "
                      f"({time.time() - t0:.0f} s wall)")
     out = dict(model=str(model_path), family=families.model_family(str(model_path)).name, device=str(dev),
                dtype=dtype or "fp32", **environment(dev),
                memory="fresh subprocess per op" if isolate else "one process (CPU peak reset per op)",
-               rows=list(rows.values()))
+               rows=list(rows.values()), failed=failed)
     if all(o in rows for o in OPS):
         for p in config.PROFILES:
             out["rows"] += derived(rows, p)
@@ -368,6 +377,7 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"| {r['op']} | {r['seconds']:.4g} | {r['peak_mem_gib']:.3g} | "
                      f"{'extrapolated' if r.get('extrapolated') else r['measured']} | {r.get('basis', '')} |")
+    lines += [f"| {f['op']} | failed | | | {f['error']} |" for f in res.get("failed", [])]
     if res.get("notebooks"):
         lines += ["", "| notebook | profile | estimated hours | peak GiB | images | training steps |",
                   "|---|---|---|---|---|---|"]

@@ -145,3 +145,16 @@ def test_full_size_sdxl_has_the_real_architecture_and_parameter_counts():
         text_2.config.projection_dim + 6 * unet.config.addition_time_embed_dim
     assert text.config.hidden_size + text_2.config.hidden_size == unet.config.cross_attention_dim
     assert vae.config.scaling_factor == 0.13025 and sched.config.timestep_spacing == "leading"
+
+
+def test_a_failing_op_is_recorded_and_the_other_rows_kept(tmp_path, monkeypatch):
+    """A long run keeps what it measured when one op dies (a full-size model killed for memory)."""
+    def fake(op, *a, **k):
+        if op == "rece":
+            raise RuntimeError("gpu-path op 'rece' failed (exit -9 (killed: out of memory?)): ...")
+        return dict(op=op, seconds=1.0, peak_mem_gib=2.0, measured=True)
+    monkeypatch.setattr(gpupath, "measure_isolated", fake)
+    res = gpupath.gpu_path(str(tmp_path), device="cpu", ops="uce,rece,speed")
+    assert [r["op"] for r in res["rows"]] == ["uce", "speed"] and "notebooks" not in res
+    assert res["failed"][0]["op"] == "rece" and "out of memory" in res["failed"][0]["error"]
+    assert "| rece | failed |" in gpupath.markdown(res)
