@@ -184,7 +184,8 @@ def prompt_search(model, deltas, concept: Concept, prompts, tokens: int = 3, swe
     cs = concept_set(model)
     captions = cs.prompts(concept.name, 4) if concept.name in cs.evaluate else list(concept.prompts)
     bad = banned_tokens(model, concept.name)
-    allowed = torch.tensor([i for i in range(len(model.tokenizer)) if i not in bad and i < token_table(model).shape[0]])
+    vocab = _tables(model)[0][1].shape[0]  # rows of the token table (both tables have them on SDXL)
+    allowed = torch.tensor([i for i in range(min(len(model.tokenizer), vocab)) if i not in bad])
     x_t, t, noise = denoise_batch(model, concept, batch, seed)
     cap = [captions[k % len(captions)] for k in range(batch)]
     filler = model.tokenizer("a", add_special_tokens=False).input_ids[0]

@@ -342,11 +342,11 @@ def model_family(model_name: str, pipeline: str | None = None) -> Family:
     """The family that ``load_model(model_name)`` loads: the entry listing the name, else the first entry whose
     ``pipeline`` is ``pipeline`` (default: the class in the folder's or cached ``model_index.json``,
     :func:`pipeline_class`), else :data:`HUB_FAMILY`."""
-    if pipeline is None and not any(model_name in f.model_names for f in FAMILIES.values()):
-        pipeline = pipeline_class(model_name)
     named = [f for f in FAMILIES.values() if model_name in f.model_names]
-    piped = [f for f in FAMILIES.values() if pipeline is not None and f.pipeline == pipeline and not f.model_names]
-    return (named or piped or [FAMILIES[HUB_FAMILY]])[0]
+    if named:
+        return named[0]
+    pipeline = pipeline_class(model_name) if pipeline is None else pipeline
+    return next((f for f in FAMILIES.values() if f.pipeline == pipeline and not f.model_names), FAMILIES[HUB_FAMILY])
 
 
 def settings_key(model) -> str:
